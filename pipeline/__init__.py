@@ -1,0 +1,1 @@
+"""pipeline: stages, CLI, data validation and orchestration (DVC, Prefect) over the `sam3` library."""

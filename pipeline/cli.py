@@ -1,0 +1,50 @@
+"""`python -m pipeline <command>`: one subcommand per stage.
+
+Each stage module exposes `add_arguments(parser)` and `run(args) -> int` (the exit code) and keeps its heavy
+imports (torch, great-expectations) inside functions, so `--help` and light commands start fast.
+A `Sam3Error` (the user's data, files or parameters are wrong) is printed as one line, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline import demo_data, preprocess, shapes_data, validate
+from sam3.errors import Sam3Error
+
+STAGES = (
+    ("demo-data", demo_data, "build the demo dataset from images shipped inside registry packages"),
+    ("shapes-data", shapes_data, "generate a coloured-shapes dataset (prompts such as 'red circle')"),
+    ("validate", validate, "check a COCO dataset; write the clean copy, a quarantine and a JSON report"),
+    ("preprocess", preprocess, "resize a dataset to fit SIZE x SIZE, transforming boxes and masks to match"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module, help_text in STAGES:
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(stage_parser)
+        stage_parser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.run(args))
+    except Sam3Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,149 @@
+"""`params.yaml` as typed dataclasses: one dataclass per section, loaded once at the entry point.
+
+`load_params(path, overrides)` reads the YAML, applies `section.key=value` overrides, and checks every key:
+an unknown or misspelled key is a `ConfigError` naming the key and the closest valid one, a value of the wrong
+type names the key, the expected type and the value. Lower layers receive plain values from these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sam3.errors import ConfigError
+
+
+@dataclass
+class DatasetParams:
+    """Which dataset the pipeline runs on, and where its stages write."""
+
+    name: str = "demo"
+    raw: str = "data/raw/demo"  # Roboflow COCO layout: {train,valid,test}/_annotations.coco.json + images
+
+
+@dataclass
+class ValidateParams:
+    max_pixels: int = 100_000_000  # images above this many pixels are quarantined (decompression bombs)
+
+
+@dataclass
+class PreprocessParams:
+    size: int = 1008  # longest side after resizing (never upscaled); SAM 3's input resolution
+    workers: int = 2
+
+
+@dataclass
+class ModelParams:
+    source: str = "tiny"  # "tiny" | "full" | a local transformers-format folder (e.g. a facebook/sam3 download)
+    image_size: int | None = None  # None: the model's own (1008 full, 224 tiny)
+    mode: Literal["detection", "segmentation"] = "detection"
+
+
+@dataclass
+class Params:
+    dataset: DatasetParams = field(default_factory=DatasetParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    model: ModelParams = field(default_factory=ModelParams)
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read `path` (None: defaults only), apply `section.key=value` overrides, return checked `Params`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: parameter file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return _build(Params, raw, source=str(path) if path else "params", prefix="")
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    """Plain nested dict (for writing the resolved params next to a run)."""
+    return dataclasses.asdict(params)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. preprocess.size=512")
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"override {item!r}: section {parts[0]!r} is not a mapping")
+    section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from mapping `raw`; `prefix` is the dotted path so far (for messages)."""
+    where = f"{source}: {prefix.rstrip('.') or 'top level'}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint} (valid here: {', '.join(names)})")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], source, f"{prefix}{name}.")
+        else:
+            values[name] = _check_value(raw[name], hint, f"{source}: {prefix}{name}")
+    return cls(**values)
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """Return `value` if it fits the type `hint` (int accepted for float); raise ConfigError otherwise."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            allowed = ", ".join(repr(a) for a in typing.get_args(hint))
+            raise ConfigError(f"{where} = {value!r}: must be one of {allowed}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_value(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} = {value!r}: expected {_type_name(hint)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        (item_type,) = typing.get_args(hint)
+        return [_check_value(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where} = {value!r}: expected null")
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{where} = {value!r}: expected an integer")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{where} = {value!r}: expected {_type_name(hint)}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

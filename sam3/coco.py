@@ -1,0 +1,102 @@
+"""COCO files in the Roboflow export layout: `<dataset>/{train,valid,test}/_annotations.coco.json` + images.
+
+Small, strict helpers shared by every stage that reads or writes a dataset:
+- `load_coco` parses one annotation file and turns a JSON syntax error into a `DataError` naming file, line, column.
+- `save_coco` writes one deterministically (sorted keys, fixed indent, trailing newline) so two builds are
+  byte-identical and DVC hashes stay stable.
+- `annotation_mask` decodes polygons or RLE (compressed or not) into a boolean [H, W] mask with pycocotools.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sam3.errors import DataError
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+ANNOTATIONS_FILE = "_annotations.coco.json"
+
+
+def split_annotation_path(dataset_dir: str | Path, split: str) -> Path:
+    """Path of one split's annotation file."""
+    return Path(dataset_dir) / split / ANNOTATIONS_FILE
+
+
+def present_splits(dataset_dir: str | Path) -> list[str]:
+    """The splits of `dataset_dir` that have an annotation file, in SPLITS order.
+
+    Raises DataError when the folder does not exist or holds no split at all.
+    """
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    found = [s for s in SPLITS if split_annotation_path(root, s).is_file()]
+    if not found:
+        raise DataError(
+            f"{root}: no split found; expected {', '.join(f'{s}/{ANNOTATIONS_FILE}' for s in SPLITS)} "
+            "(the Roboflow COCO export layout)"
+        )
+    return found
+
+
+def load_coco(path: str | Path) -> dict[str, Any]:
+    """Parse a COCO annotation file.
+
+    Raises DataError (with file, line and column for a syntax error) when the file is missing, not UTF-8,
+    not JSON, or not a JSON object.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be a JSON object with images, annotations, categories")
+    return data
+
+
+def save_coco(path: str | Path, data: dict[str, Any]) -> None:
+    """Write `data` as JSON deterministically (sorted keys, indent 1, newline at end), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO `segmentation` (list of polygons, RLE with list counts, or compressed RLE) to bool [H, W]."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return np.zeros((height, width), dtype=bool)
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, dict):
+        rle = dict(segmentation)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+    else:
+        raise DataError(f"unsupported segmentation of type {type(segmentation).__name__}")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """Encode a bool [H, W] mask as compressed COCO RLE with `counts` as an ASCII string (JSON-serialisable)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
