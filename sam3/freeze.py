@@ -1,0 +1,47 @@
+"""What trains: freezing parts of `Sam3Model` (`train.freeze` in params.yaml).
+
+Modes, from most to least trainable:
+    none         everything trains
+    vision       all but the vision encoder (ViT + FPN neck)
+    vision_text  all but the vision and text encoders (text projection included)
+    heads        decoder heads only: the DETR decoder, the dot-product scorer and the mask decoder; the
+                 encoders, the fusion encoder and the geometry (box-exemplar) encoder are frozen
+A frozen parameter gets requires_grad False, so autograd keeps no gradient for it and `sam3.optim` gives it no
+optimiser state. With a frozen vision encoder its features can be computed once and cached.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+FreezeMode = Literal["none", "vision", "vision_text", "heads"]
+FREEZE_MODES: tuple[str, ...] = ("none", "vision", "vision_text", "heads")
+
+_FROZEN_PREFIXES: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "vision": ("vision_encoder.",),
+    "vision_text": ("vision_encoder.", "text_encoder.", "text_projection."),
+    "heads": ("vision_encoder.", "text_encoder.", "text_projection.", "detr_encoder.", "geometry_encoder."),
+}
+
+
+def apply_freeze(model: nn.Module, mode: str, also_freeze: tuple[str, ...] = ()) -> dict[str, int]:
+    """Set requires_grad on every parameter of a `Sam3Model` for `mode`; freeze the names in `also_freeze` too.
+
+    Returns parameter counts: {"trainable": n, "frozen": m, "total": n + m}.
+    """
+    if mode not in _FROZEN_PREFIXES:
+        raise ValueError(f"unknown freeze mode {mode!r}; choose one of {', '.join(FREEZE_MODES)}")
+    frozen_prefixes = _FROZEN_PREFIXES[mode]
+    extra = set(also_freeze)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not (name.startswith(frozen_prefixes) or name in extra))
+    return parameter_counts(model)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "frozen": total - trainable, "total": total}

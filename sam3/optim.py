@@ -1,0 +1,134 @@
+"""The reference optimiser: AdamW parameter groups and the inverse-square-root schedule (SAM3_RECIPE section 4).
+
+Groups
+    Three components with their own base learning rate: the vision encoder (ViT trunk + FPN neck, 2.5e-5), the
+    text encoder with its projection to the DETR width (5e-6), and everything else, the "DETR parts" (fusion
+    encoder, decoder, heads, mask decoder, scoring: 8e-5).
+    Layer-wise decay over the ViT trunk: block i (0-based) of L gets decay^(L - i), the patch/position embeddings
+    and the pre-norm decay^(L + 1); the neck and the other components get 1.
+    Weight decay 0.1, except biases and normalisation parameters (LayerNorm, GroupNorm, ...), which get 0.
+    Frozen parameters (requires_grad False) are left out, so they carry no optimiser state.
+Each group records its `base_lr` (after layer decay) and `component`; `set_lr(optimizer, step, total)` writes
+the scheduled rate into every group.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+VISION_PREFIX = "vision_encoder."
+TEXT_PREFIXES = ("text_encoder.", "text_projection.")
+_VIT_BLOCK = re.compile(r"^vision_encoder\.backbone\.layers\.(\d+)\.")
+_VIT_STEM = ("vision_encoder.backbone.embeddings.", "vision_encoder.backbone.layer_norm.")
+
+
+@dataclass
+class OptimConfig:
+    lr_detr: float = 8e-5
+    lr_vision: float = 2.5e-5
+    lr_text: float = 5e-6
+    layer_decay: float = 0.9
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup: int = 20
+    cooldown: int = 20
+    timescale: int = 20
+
+
+def inverse_sqrt_lr(
+    step: int, total_steps: int, base_lr: float, warmup: int = 20, cooldown: int = 20, timescale: int = 20
+) -> float:
+    """Learning rate at optimiser step `step` of `total_steps`.
+
+        lr(s) = base * r(s) * min(1, s / W) * max(0, min(1, (T - s) / C))
+        r(s)  = sqrt(tau / (s + tau - W))  if s > W  else 1
+
+    with W = warmup, C = cooldown, tau = timescale, T = total_steps: a linear warm-up from lr(0) = 0, an
+    inverse-square-root decay after it, and a linear cool-down to 0 over the last C steps. W = 0 or C = 0
+    switches that ramp off.
+    """
+    warm = 1.0 if warmup <= 0 else min(1.0, step / warmup)
+    cool = 1.0 if cooldown <= 0 else max(0.0, min(1.0, (total_steps - step) / cooldown))
+    decay = math.sqrt(timescale / (step + timescale - warmup)) if step > warmup else 1.0
+    return base_lr * decay * warm * cool
+
+
+def component_of(name: str) -> str:
+    """'vision', 'text' or 'detr' for a `Sam3Model` parameter name."""
+    if name.startswith(VISION_PREFIX):
+        return "vision"
+    if name.startswith(TEXT_PREFIXES):
+        return "text"
+    return "detr"
+
+
+def vit_layer_scale(name: str, num_blocks: int, decay: float) -> float:
+    """Layer-wise decay factor: decay^(L - i) for ViT block i, decay^(L + 1) for the stem, 1 elsewhere."""
+    match = _VIT_BLOCK.match(name)
+    if match:
+        return decay ** (num_blocks - int(match.group(1)))
+    if name.startswith(_VIT_STEM):
+        return decay ** (num_blocks + 1)
+    return 1.0
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Biases and every parameter of a normalisation layer."""
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if param_name == "bias" or isinstance(module, norm_types):
+                names.add(full)
+    return names
+
+
+def param_groups(model: nn.Module, config: OptimConfig, num_vit_blocks: int) -> list[dict]:
+    """AdamW groups keyed by (component, layer scale, weight decay) over the trainable parameters of `model`."""
+    base = {"vision": config.lr_vision, "text": config.lr_text, "detr": config.lr_detr}
+    skip_decay = no_weight_decay_names(model)
+    groups: dict[tuple[str, float, float], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        component = component_of(name)
+        scale = vit_layer_scale(name, num_vit_blocks, config.layer_decay) if component == "vision" else 1.0
+        weight_decay = 0.0 if name in skip_decay else config.weight_decay
+        key = (component, scale, weight_decay)
+        if key not in groups:
+            lr = base[component] * scale
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "component": component,
+                "base_lr": lr,
+                "lr": lr,
+                "weight_decay": weight_decay,
+            }
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, num_vit_blocks: int) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused CUDA kernel when every parameter is on a GPU."""
+    groups = param_groups(model, config, num_vit_blocks)
+    if not groups:
+        raise ValueError("no trainable parameters: every parameter is frozen")
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=on_cuda or None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, config: OptimConfig) -> None:
+    """Write the scheduled learning rate of `step` into every group (each from its own `base_lr`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = inverse_sqrt_lr(
+            step, total_steps, group["base_lr"], config.warmup, config.cooldown, config.timescale
+        )
