@@ -74,24 +74,32 @@ def save_coco(path: str | Path, data: dict[str, Any]) -> None:
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
-def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO `segmentation` (list of polygons, RLE with list counts, or compressed RLE) to bool [H, W]."""
+def annotation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A COCO `segmentation` (list of polygons, RLE with list counts, or compressed RLE) as one compressed RLE.
+
+    Cheap (no decode): pycocotools' area and merge work on it directly. An empty polygon list gives an empty mask.
+    """
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):
         if not segmentation:
-            return np.zeros((height, width), dtype=bool)
-        rles = mask_utils.frPyObjects(segmentation, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    elif isinstance(segmentation, dict):
+            return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    if isinstance(segmentation, dict):
         rle = dict(segmentation)
         if isinstance(rle["counts"], str):
             rle["counts"] = rle["counts"].encode("ascii")
-    else:
-        raise DataError(f"unsupported segmentation of type {type(segmentation).__name__}")
-    return mask_utils.decode(rle).astype(bool)
+        return rle
+    raise DataError(f"unsupported segmentation of type {type(segmentation).__name__}")
+
+
+def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO `segmentation` (polygons, RLE with list counts, or compressed RLE) to bool [H, W]."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.decode(annotation_rle(segmentation, height, width)).astype(bool)
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
