@@ -1,0 +1,382 @@
+"""Training checkpoints: atomic save, rotation, resume from the newest readable file.
+
+A checkpoint is one `torch.save` file holding everything a run needs to continue as if it had never stopped:
+
+    format, format_version   our tag, so a foreign file is refused with a clear message
+    train_state              `TrainState` as a plain dict (step, epoch, ...)
+    model                    model state_dict, unwrapped from DDP / torch.compile
+    optimizer                optimizer state_dict (AdamW moments, param groups with `base_lr`)
+    scheduler                the trainer's scheduler state (plain dict) or None
+    scaler                   GradScaler state_dict, None when there is no enabled scaler
+    rng                      python `random`, numpy global, torch CPU and every CUDA device's generator
+    params                   the resolved parameters of the run (plain dict)
+
+Every value is a tensor or a plain Python value (dict, list, tuple, str, int, float, bool, None), checked before
+writing, so every file loads with `torch.load(..., weights_only=True)`: no pickled code runs when a checkpoint
+is read.
+
+Files: `step_{step:08d}.pt` for the rolling checkpoints (the newest `keep_last` are kept), any other name for
+checkpoints kept for good (`epoch_checkpoint_name(n)` = `epoch_{n:04d}.pt`). A save writes a hidden temporary
+file in the same folder, flushes and fsyncs it, renames it over the final name (`os.replace` is atomic on one
+file system) and fsyncs the folder, so a crash or SIGKILL at any moment leaves either the old set of files or
+the new one, never a half-written checkpoint under a real name.
+
+One process writes a folder (rank 0 under DDP); the RNG states saved are that process's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sam3.errors import Sam3Error
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sam3-finetune-checkpoint"
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_TEMP_PREFIX = ".tmp-"
+# What torch's weights_only unpickler accepts, as we allow it. Exact types for scalars and containers:
+# subclasses such as numpy.float64 (a float) or enum members (an int / str) are refused by that unpickler.
+_PLAIN_SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
+_PLAIN_MAPPINGS = (dict, OrderedDict)
+_PLAIN_SEQUENCES = (list, tuple, set, torch.Size)
+
+
+class CheckpointError(Sam3Error):
+    """A checkpoint file is missing, unreadable, not ours, or does not fit the model/optimizer given."""
+
+
+@dataclass
+class TrainState:
+    """Small counters of a run, saved with every checkpoint.
+
+    step: optimiser steps done so far; epoch: the epoch the next step belongs to; epoch_step: optimiser steps
+    already done inside that epoch (a mid-epoch resume skips that many batches); best_metric: the best
+    validation metric so far, None before the first evaluation; guard: `DivergenceGuard.state_dict()`.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    best_metric: float | None = None
+    guard: dict[str, Any] = field(default_factory=dict)
+
+
+def step_checkpoint_name(step: int) -> str:
+    """`step_00000042.pt`: zero-padded so names sort like steps (we still sort by the parsed number)."""
+    return f"step_{step:08d}.pt"
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    """`epoch_0003.pt`: a checkpoint kept for good, never removed by rotation."""
+    return f"epoch_{epoch:04d}.pt"
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler_state: dict[str, Any] | None,
+    scaler: torch.amp.GradScaler | None,
+    train_state: TrainState,
+    params: dict[str, Any],
+    keep_last: int = 3,
+    extra_names: tuple[str, ...] = (),
+    name: str | None = None,
+) -> Path:
+    """Atomically write a checkpoint and rotate old step files; returns the path written.
+
+    The file is `ckpt_dir/step_{step:08d}.pt`, or `ckpt_dir/name` when `name` is given (e.g.
+    `epoch_checkpoint_name(3)`). After writing, step files other than the `keep_last` newest and those named in
+    `extra_names` are deleted (pass the same `extra_names` on every call); files not named `step_*.pt` are
+    never deleted. Raises TypeError, before anything is written, if some value is not a tensor or plain Python
+    value (the file would not load with weights_only).
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (the checkpoint just written is one of them), got {keep_last}")
+    if train_state.step != step:
+        raise ValueError(f"step {step} differs from train_state.step {train_state.step}")
+    file_name = step_checkpoint_name(step) if name is None else name
+    if Path(file_name).name != file_name or not file_name.endswith(".pt") or file_name.startswith(_TEMP_PREFIX):
+        raise ValueError(f"checkpoint name must be a plain file name ending in .pt, got {file_name!r}")
+
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "train_state": asdict(train_state),
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler_state,
+        # a disabled GradScaler's state_dict is {} and cannot be loaded back, so store None
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": _rng_state(),
+        "params": params,
+    }
+    _check_plain(payload, "checkpoint")
+
+    folder = Path(ckpt_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(folder)
+    final = folder / file_name
+    _atomic_torch_save(payload, final)
+    _rotate(folder, keep_last, extra_names)
+    log.info("saved checkpoint %s (step %d, epoch %d)", final, train_state.step, train_state.epoch)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest readable step checkpoint in `ckpt_dir`, or None when there is none.
+
+    Step files are tried from the highest step down; one that torch cannot read (truncated, corrupt) or that is
+    not ours is skipped with a WARNING naming it. The probe memory-maps the file (`mmap=True`), so it reads the
+    small pickled index and the zip directory, not gigabytes of weights: a truncated file fails there, because
+    the zip directory sits at the end of the file.
+    """
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    for _, path in sorted(_step_files(folder), reverse=True):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises OSError, RuntimeError, KeyError, ... for a damaged file
+            log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(err).__name__, err)
+            continue
+        if not _is_ours(payload):
+            log.warning("skipping %s: not a %s file", path, FORMAT)
+            continue
+        return path
+    return None
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    map_location: str | torch.device = "cpu",
+    restore_rng: bool = True,
+) -> tuple[TrainState, dict[str, Any] | None, dict[str, Any]]:
+    """Restore model (strict), optimizer, scaler and RNG states from `path`.
+
+    Returns (train_state, scheduler_state, params): the trainer restores its scheduler itself and may compare
+    `params` with the current ones. Raises CheckpointError when the file is missing, unreadable, not ours, or
+    does not fit the given model/optimizer.
+    """
+    path = Path(path)
+    payload = _read(path, map_location)
+
+    target = _unwrap(model)
+    state = payload["model"]
+    expected = set(target.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the saved weights do not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). It was saved from another model; resume "
+            "with the params stored in it, or start the new run in an empty checkpoint folder."
+        )
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # same names, different shapes
+        raise CheckpointError(f"{path}: the saved weights do not fit this model: {err}") from err
+
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{path}: the saved optimizer state does not fit this optimizer ({err}). The parameter groups "
+                "changed (another freeze or optimiser setting?); resume with the params stored in the checkpoint."
+            ) from err
+    if scaler is not None and scaler.is_enabled():
+        if payload["scaler"] is None:
+            log.info("%s holds no GradScaler state (saved without mixed precision); the scaler starts fresh", path)
+        else:
+            scaler.load_state_dict(payload["scaler"])
+    if restore_rng:
+        _set_rng_state(payload["rng"])
+
+    known = {f.name for f in fields(TrainState)}
+    train_state = TrainState(**{k: v for k, v in payload["train_state"].items() if k in known})
+    log.info("loaded checkpoint %s (step %d, epoch %d)", path, train_state.step, train_state.epoch)
+    return train_state, payload["scheduler"], payload["params"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DistributedDataParallel / DataParallel (`.module`) and torch.compile (`._orig_mod`).
+
+    Saving the bare model keeps keys free of `module.` / `_orig_mod.` prefixes, so a checkpoint from a DDP run
+    loads into a single-process model and the other way round.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global generator's state as tensors and plain values (no numpy arrays, no tuples of objects)."""
+    py_version, py_key, py_gauss = random.getstate()
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": [py_version, list(py_key), py_gauss],
+        "numpy": {
+            "bit_generator": str(np_name),
+            "key": torch.from_numpy(np_key.astype(np.int64)),  # uint32 values; torch has no uint32 tensors to save
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    py_version, py_key, py_gauss = rng["python"]
+    random.setstate((py_version, tuple(py_key), py_gauss))
+    np_state = rng["numpy"]
+    np.random.set_state(
+        (
+            np_state["bit_generator"],
+            np_state["key"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(rng["torch"].cpu())
+    cuda_states = rng["cuda"]
+    if not cuda_states:
+        return
+    if not torch.cuda.is_available():
+        log.warning(
+            "checkpoint holds %d CUDA RNG states but CUDA is not available; they are not restored", len(cuda_states)
+        )
+        return
+    count = torch.cuda.device_count()
+    if count != len(cuda_states):
+        log.warning(
+            "checkpoint holds CUDA RNG states for %d devices, this machine has %d; restoring the first %d",
+            len(cuda_states),
+            count,
+            min(count, len(cuda_states)),
+        )
+    for device, state in enumerate(cuda_states[:count]):
+        torch.cuda.set_rng_state(state.cpu(), device)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise TypeError naming the first value (by key path) that weights_only loading would refuse."""
+    if type(value) in _PLAIN_MAPPINGS:
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; use str or int keys")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif type(value) in _PLAIN_SEQUENCES:
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+    elif type(value) not in _PLAIN_SCALARS and not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{where} is a {type(value).__module__}.{type(value).__name__}, which torch.load(weights_only=True) "
+            "refuses; convert it to a plain value (str, int, float, list, dict) or a tensor before saving"
+        )
+
+
+def _is_ours(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}; check the path (latest_checkpoint finds the newest)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # any failure here means the file cannot be used; keep torch's words in the message
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {err}). It is truncated, corrupt or holds "
+            "pickled objects; delete it to resume from the previous one, or pass another file."
+        ) from err
+    if not _is_ours(payload):
+        raise CheckpointError(
+            f"{path} is not a {FORMAT} file (a bare state_dict or another tool's checkpoint?). Pass a file "
+            "written by save_checkpoint; pretrained weights are loaded by the model adapter, not here."
+        )
+    if payload["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {payload['format_version']}, this code reads up to "
+            f"{FORMAT_VERSION}; upgrade sam3-finetune to resume from it"
+        )
+    return payload
+
+
+def _atomic_torch_save(payload: dict[str, Any], final: Path) -> None:
+    """torch.save into a temp file next to `final`, fsync it, rename it over `final`, fsync the folder."""
+    fd, temp_name = tempfile.mkstemp(dir=final.parent, prefix=f"{_TEMP_PREFIX}{final.name}.")
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(final.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable. Folders cannot be opened for fsync on Windows; there we rely on NTFS."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _step_files(folder: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in folder.iterdir():
+        match = _STEP_FILE.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return found
+
+
+def _rotate(folder: Path, keep_last: int, extra_names: tuple[str, ...]) -> None:
+    """Delete step files other than the `keep_last` highest steps and those named in `extra_names`."""
+    for _, path in sorted(_step_files(folder), reverse=True)[keep_last:]:
+        if path.name not in extra_names:
+            path.unlink()
+            log.debug("rotated out checkpoint %s", path)
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Temp files left by a save that was killed mid-write; only one process writes a folder, so none is live."""
+    stale = [path for path in folder.glob(f"{_TEMP_PREFIX}*") if path.is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.warning(
+            "removed %d unfinished checkpoint temp file(s) in %s left by an interrupted save", len(stale), folder
+        )

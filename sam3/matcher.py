@@ -1,0 +1,157 @@
+"""One-to-one Hungarian matching of predictions to target boxes, per (image, prompt) query (SAM3_RECIPE section 3).
+
+For each query q with n_q > 0 target boxes, the cost of prediction i against target j is
+
+    C[i, j] = cost_bbox * |b_i - g_j|_1  +  cost_class * c_cls(p_i)  -  cost_giou * GIoU(b_i, g_j)
+
+with boxes in normalised cxcywh for the L1 term, xyxy for GIoU, p_i = sigmoid(logit_i) and the focal cost
+
+    c_cls(p) = pos_cost - neg_cost
+    pos_cost = alpha * (1 - p)^gamma * (-log p)          focal loss if the prediction is labelled positive
+    neg_cost = (1 - alpha) * p^gamma * (-log(1 - p))     focal loss if it is labelled negative
+
+i.e. c_cls = -0.25 (1-p)^2 log p + 0.75 p^2 log(1-p) at the defaults. Matching prediction i instead of leaving it
+unmatched changes its focal classification loss by exactly pos_cost - neg_cost, which is why that difference is
+the class cost. `scipy.optimize.linear_sum_assignment` then minimises the total cost; min(N, n_q) pairs result.
+Queries without targets (negative prompts) are not matched at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import box_convert, generalized_box_iou
+
+log = logging.getLogger(__name__)
+
+# Stands in for NaN/inf costs. Finite, so scipy can solve the problem (it refuses NaN with "invalid numeric
+# entries", a reported failure of the reference at small batches), and far above any real cost (the L1 and GIoU
+# terms are bounded for boxes in [0, 1], the class term grows only linearly with |logit|), so the assignment
+# avoids those pairs whenever it can.
+NON_FINITE_COST = 1e9
+
+# Fills the padding of queries with fewer targets than the most crowded one: a valid box keeps GIoU finite there.
+_PAD_BOX = (0.5, 0.5, 1.0, 1.0)
+
+
+@dataclass
+class HungarianMatcher:
+    """Match predictions to targets per query, minimising the recipe's cost (see the module docstring).
+
+    Args:
+        cost_class: weight of the focal class cost c_cls.
+        cost_bbox: weight of the L1 distance of normalised cxcywh boxes.
+        cost_giou: weight of -GIoU.
+        alpha, gamma: focal parameters of c_cls.
+
+    Non-finite costs (NaN or inf logits or boxes, i.e. a diverging run) are replaced by NON_FINITE_COST; the number
+    of replaced entries accumulates in `non_finite_count` and the first occurrence logs a warning. A query with
+    more targets than predictions leaves n_q - N targets unmatched (no box loss for them): they accumulate in
+    `unmatched_target_count`, with a warning the first time.
+    """
+
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    alpha: float = 0.25
+    gamma: float = 2.0
+    non_finite_count: int = field(default=0, init=False, compare=False)
+    unmatched_target_count: int = field(default=0, init=False, compare=False)
+
+    @torch.no_grad()
+    def __call__(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Match each query's predictions to its targets.
+
+        Args:
+            pred_logits: float [Q, N] score logits of N predictions for each of Q queries.
+            pred_boxes: float [Q, N, 4] predicted boxes, normalised cxcywh.
+            targets: Q dicts whose `boxes` is float [n_q, 4] normalised cxcywh (n_q may be 0).
+
+        Returns:
+            Q pairs (pred_idx, tgt_idx), CPU long tensors of length min(N, n_q), sorted by pred_idx:
+            prediction pred_idx[k] of query q is matched to target tgt_idx[k]. Empty for a query without targets.
+        """
+        num_queries, num_preds = pred_logits.shape
+        if len(targets) != num_queries:
+            raise ValueError(f"{len(targets)} targets for {num_queries} queries: need one target dict per query")
+        sizes = [int(t["boxes"].shape[0]) for t in targets]
+        matches = [(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) for _ in sizes]
+        with_targets = [q for q, n in enumerate(sizes) if n > 0]
+        if not with_targets:
+            return matches
+
+        # All queries at once on the model's device, padded to the most targets, then one copy to the CPU.
+        tgt = pred_boxes.new_tensor(_PAD_BOX).repeat(len(with_targets), max(sizes), 1)  # [Q', n_max, 4]
+        for row, q in enumerate(with_targets):
+            tgt[row, : sizes[q]] = targets[q]["boxes"].to(tgt)
+        cost = self.cost(pred_logits[with_targets], pred_boxes[with_targets], tgt).double().cpu()
+
+        for row, q in enumerate(with_targets):
+            if sizes[q] > num_preds:
+                self._count_unmatched(q, sizes[q], num_preds)
+            c = self._finite(cost[row, :, : sizes[q]], q)
+            pred_idx, tgt_idx = linear_sum_assignment(c.numpy())
+            matches[q] = (torch.as_tensor(pred_idx, dtype=torch.long), torch.as_tensor(tgt_idx, dtype=torch.long))
+        return matches
+
+    def cost(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor) -> torch.Tensor:
+        """Matching cost of every prediction against every target, per query (formula in the module docstring).
+
+        Args:
+            pred_logits: float [Q, N]. pred_boxes: float [Q, N, 4] and tgt_boxes: float [Q, n, 4], normalised cxcywh.
+
+        Returns:
+            float32 [Q, N, n]; cost[q, i, j] is the cost of matching prediction i of query q to its target j.
+        """
+        logits = pred_logits.float()
+        boxes = pred_boxes.float()
+        tgt = tgt_boxes.float()
+        cost_l1 = torch.cdist(boxes, tgt, p=1)  # [Q, N, n]
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
+        prob = logits.sigmoid()
+        # logsigmoid(x) = log p and logsigmoid(-x) = log(1 - p), without the log(0) of a saturated sigmoid.
+        pos_cost = self.alpha * (1 - prob) ** self.gamma * -F.logsigmoid(logits)
+        neg_cost = (1 - self.alpha) * prob**self.gamma * -F.logsigmoid(-logits)
+        cost_cls = (pos_cost - neg_cost)[..., None]  # [Q, N, 1]: the same for every target
+        return self.cost_bbox * cost_l1 + self.cost_class * cost_cls - self.cost_giou * giou
+
+    def _finite(self, cost: torch.Tensor, query: int) -> torch.Tensor:
+        """`cost` with NaN/inf replaced by NON_FINITE_COST, counted, and a warning on the first occurrence."""
+        bad = ~torch.isfinite(cost)
+        num_bad = int(bad.sum())
+        if num_bad == 0:
+            return cost
+        if self.non_finite_count == 0:
+            log.warning(
+                "Hungarian matching: %d NaN/inf cost entries in query %d (%d predictions x %d targets) replaced by "
+                "%g; later ones are counted in HungarianMatcher.non_finite_count without a warning. Non-finite "
+                "predictions usually mean the run is diverging: lower the learning rate or resume from an earlier "
+                "checkpoint.",
+                num_bad,
+                query,
+                cost.shape[0],
+                cost.shape[1],
+                NON_FINITE_COST,
+            )
+        self.non_finite_count += num_bad
+        return torch.where(bad, torch.full_like(cost, NON_FINITE_COST), cost)
+
+    def _count_unmatched(self, query: int, num_targets: int, num_preds: int) -> None:
+        """Count the targets of `query` that cannot be matched, with a warning on the first occurrence."""
+        if self.unmatched_target_count == 0:
+            log.warning(
+                "Hungarian matching: query %d has %d targets but the model makes only %d predictions; %d targets "
+                "get no box loss. Later ones are counted in HungarianMatcher.unmatched_target_count without a "
+                "warning. Use more queries in the model or drop queries with that many targets.",
+                query,
+                num_targets,
+                num_preds,
+                num_targets - num_preds,
+            )
+        self.unmatched_target_count += num_targets - num_preds
