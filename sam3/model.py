@@ -1,0 +1,379 @@
+"""The SAM 3 detector over transformers' `Sam3Model`: loading, and a forward that batches prompts and returns every
+decoder layer.
+
+`Sam3Model.forward` pairs one image with one prompt and returns only the last decoder layer. Training needs
+(a) every (image, prompt) pair of a batch without running the vision encoder once per pair, and (b) each decoder
+layer's logits, boxes and presence logit for the auxiliary losses. `Sam3Detector` calls Sam3Model's own
+sub-modules in the order its forward does:
+
+    encode_images   vision_encoder (ViT + FPN)            once per image           B
+    encode_prompts  text_encoder + text_projection        once per unique prompt   P
+    decode          gather by query_image / query_prompt, then detr_encoder -> detr_decoder ->
+                    box_head + dot_product_scoring on every layer (-> mask_decoder on the last)   Q pairs
+
+Per-layer outputs, from the decoder's stacked states (hidden [L, Q, N, D], reference boxes [L, Q, N, 4], the
+cxcywh box each layer starts from):
+    boxes_l    = sigmoid(inverse_sigmoid(reference_l) + box_head(hidden_l))     normalised cxcywh
+    logits_l   = dot_product_scoring(hidden_l, prompt)                          [Q, N]
+    presence_l = presence head of layer l                                       [Q]
+The last layer equals what `Sam3Model.forward` returns (its boxes are xyxy; ours cxcywh).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, Sam3Config, Sam3Model
+from transformers.models.sam3.configuration_sam3 import (
+    Sam3DETRDecoderConfig,
+    Sam3DETREncoderConfig,
+    Sam3GeometryEncoderConfig,
+    Sam3MaskDecoderConfig,
+    Sam3VisionConfig,
+    Sam3ViTConfig,
+)
+from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
+
+from sam3.batch import PromptBatch
+from sam3.errors import ConfigError, ModelLoadError
+from sam3.tokenizer import CONTEXT_LENGTH, END_ID, PAD_ID, START_ID
+
+logger = logging.getLogger(__name__)
+
+BUILT_IN_SOURCES = ("tiny", "full")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+SAM3_MODEL_TYPES = ("sam3", "sam3_video")  # our export / a facebook/sam3 download (video model holding the detector)
+_COMPLETE_FOLDER = (
+    f"a complete model folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} with its shards), "
+    "as in a facebook/sam3 download or our save_pretrained export"
+)
+
+
+def tiny_config(image_size: int = 224) -> Sam3Config:
+    """SAM 3's architecture at about 1M parameters outside the token embedding, for CPU tests and the demo.
+
+    The from-scratch settings of SAM3_RECIPE section 1: width 64 everywhere, 2 ViT layers (the last global, the
+    first windowed 8x8), 1 DETR encoder layer, 2 decoder layers, 4 heads, 1 text layer, 16 queries, init std 0.1.
+    The token embedding alone is 49,408 x 64 = 3.16M of the 4.28M parameters (the vocabulary is CLIP's).
+    Position embeddings are sized for 224 px (16 x 16 patches) whatever `image_size`, so weights load at any size.
+    """
+    width, heads, init = 64, 4, 0.1
+    mlp = 4 * width
+    vit = Sam3ViTConfig(
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=2,
+        num_attention_heads=heads,  # head dim 16: divisible by 4 as the 2-D RoPE needs
+        image_size=image_size,
+        pretrain_image_size=224,
+        window_size=8,
+        global_attn_indexes=[1],
+        initializer_range=init,
+    )
+    config = Sam3Config(
+        vision_config=Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=width, initializer_range=init),
+        text_config=CLIPTextConfig(
+            vocab_size=49_408,
+            hidden_size=width,
+            intermediate_size=mlp,
+            projection_dim=width,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            max_position_embeddings=CONTEXT_LENGTH,  # CLIPTextConfig's own default is 77
+            hidden_act="gelu",
+            bos_token_id=START_ID,
+            eos_token_id=END_ID,  # CLIP pools at the first eos id; the default 2 would mean "argmax id" instead
+            pad_token_id=PAD_ID,
+            initializer_range=init,
+        ),
+        # FPN, DETR, geometry and mask widths must be equal and divisible by 8 (GroupNorm(8) in the pixel decoder).
+        geometry_encoder_config=Sam3GeometryEncoderConfig(
+            hidden_size=width, num_layers=1, num_attention_heads=heads, intermediate_size=mlp, initializer_range=init
+        ),
+        detr_encoder_config=Sam3DETREncoderConfig(
+            hidden_size=width, num_layers=1, num_attention_heads=heads, intermediate_size=mlp, initializer_range=init
+        ),
+        detr_decoder_config=Sam3DETRDecoderConfig(
+            hidden_size=width,
+            num_layers=2,
+            num_queries=16,
+            num_attention_heads=heads,
+            intermediate_size=mlp,
+            initializer_range=init,
+        ),
+        mask_decoder_config=Sam3MaskDecoderConfig(hidden_size=width, num_attention_heads=heads, initializer_range=init),
+        initializer_range=init,
+    )
+    set_image_size(config, image_size)
+    return config
+
+
+def set_image_size(config: Sam3Config, image_size: int) -> None:
+    """Make `config` build a model for square inputs of `image_size` pixels (a multiple of the patch size).
+
+    What depends on it: the RoPE position grid of the ViT's global-attention layers (image_size / patch_size per
+    side, computed when the model is built, hence set before building) and `backbone_feature_sizes` (the FPN map
+    sizes, 4x / 2x / 1x of that grid, read by the video tracker only). What does not: every weight. The learned
+    ViT position embeddings are sized by `pretrain_image_size` and tiled to the patch grid; windowed layers pad
+    the grid to whole windows; the FPN, DETR and mask decoder follow the feature map sizes. So the same weights
+    run at another size, and the input must then have exactly that size.
+    """
+    patch = config.vision_config.backbone_config.patch_size
+    if not isinstance(image_size, int) or image_size <= 0 or image_size % patch:
+        raise ConfigError(f"image_size must be a positive multiple of the patch size {patch}, got {image_size!r}")
+    config.image_size = image_size  # Sam3Config passes it down to the ViT config
+    grid = image_size // patch
+    # The last FPN level (0.5x) is not among the sizes: Sam3Model never uses it.
+    scales = config.vision_config.scale_factors[:-1]
+    config.vision_config.backbone_feature_sizes = [[int(grid * s), int(grid * s)] for s in scales]
+
+
+def load_model(source: str | Path = "tiny", image_size: int | None = None, seed: int = 0) -> Sam3Detector:
+    """A `Sam3Detector` in eval mode from "tiny", "full" or a local transformers folder.
+
+    "tiny": `tiny_config`, random weights drawn from `seed` (the caller's random state is left untouched).
+    "full": the default `Sam3Config` (840,376,374 parameters, 1008 px), random weights, for benchmarks.
+    folder: `Sam3Model.from_pretrained(folder, local_files_only=True)`; a facebook/sam3 download (a video config
+        whose `detector_config` is the detector, tracker weights ignored) or our own `save_pretrained` export.
+    `image_size` overrides the input size (see `set_image_size`).
+    """
+    if isinstance(source, str) and source in BUILT_IN_SOURCES:
+        config = tiny_config() if source == "tiny" else Sam3Config()
+        if image_size is not None:
+            set_image_size(config, image_size)
+        # fork_rng: seeding here must not reset the caller's generator (data order, dropout).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Sam3Model(config)
+    else:
+        model = _load_folder(Path(source), image_size)
+    return Sam3Detector(model).eval()
+
+
+def _load_folder(folder: Path, image_size: int | None) -> Sam3Model:
+    accepted = f"pass 'tiny', 'full' or a model folder; {_COMPLETE_FOLDER}"
+    if not folder.exists():
+        raise ModelLoadError(f"model folder {folder} does not exist; {accepted}")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is not a folder; {accepted}")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelLoadError(f"{folder / CONFIG_FILE} is missing; {_COMPLETE_FOLDER}")
+    _check_model_type(folder / CONFIG_FILE)
+    _check_weights(folder)
+
+    config = Sam3Config.from_pretrained(folder, local_files_only=True)
+    detector_config = getattr(config, "detector_config", None)
+    if detector_config is not None:
+        # facebook/sam3 ships the video model's config; the image detector is its `detector_config`.
+        config = detector_config if isinstance(detector_config, Sam3Config) else Sam3Config(**detector_config)
+    if image_size is not None:
+        set_image_size(config, image_size)
+    # float32 whatever the checkpoint's dtype: training keeps fp32 weights and uses autocast for bf16.
+    model, info = Sam3Model.from_pretrained(
+        folder, config=config, dtype=torch.float32, local_files_only=True, output_loading_info=True
+    )
+    # transformers would fill missing weights with random ones and only log it: that is a broken folder.
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(
+            f"{folder} lacks {len(missing)} weights of the SAM 3 detector (first: {missing[0]}); "
+            f"the folder does not hold a SAM 3 model or is incomplete; {_COMPLETE_FOLDER}"
+        )
+    if info["unexpected_keys"]:
+        logger.warning("%s: %d weights not used by the detector were ignored", folder, len(info["unexpected_keys"]))
+    return model
+
+
+def _check_model_type(config_file: Path) -> None:
+    """Raise ModelLoadError unless config_file is JSON describing SAM 3 (the image detector or the video model)."""
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ModelLoadError(f"{config_file} is not a JSON object ({err}); {_COMPLETE_FOLDER}") from err
+    if model_type not in SAM3_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{config_file} describes a {model_type!r} model, not SAM 3 (model_type {' or '.join(SAM3_MODEL_TYPES)}); "
+            f"{_COMPLETE_FOLDER}"
+        )
+
+
+def _check_weights(folder: Path) -> None:
+    """Raise ModelLoadError naming the first missing weights file (single file, index or shard)."""
+    if (folder / WEIGHTS_FILE).is_file():
+        return
+    index = folder / WEIGHTS_INDEX_FILE
+    if not index.is_file():
+        raise ModelLoadError(f"{folder / WEIGHTS_FILE} is missing (and no {WEIGHTS_INDEX_FILE}); {_COMPLETE_FOLDER}")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as err:
+        raise ModelLoadError(f"{index} is not a safetensors index ({err}); {_COMPLETE_FOLDER}") from err
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise ModelLoadError(f"{folder / shard} is missing (listed in {WEIGHTS_INDEX_FILE}); {_COMPLETE_FOLDER}")
+
+
+@dataclass
+class ImageFeatures:
+    """Vision encoder output for B images, the FPN levels the detector uses.
+
+    levels    tuple of float [B, C, H_i, W_i], strides 4x, 2x, 1x of the patch grid (the 0.5x level is dropped, as
+              Sam3Model.forward does). The DETR parts read only levels[-1]; the mask decoder reads all.
+    position  float [1, C, H, W]: sine position encoding of levels[-1], the same for every image.
+    """
+
+    levels: tuple[torch.Tensor, ...]
+    position: torch.Tensor
+
+
+@dataclass
+class PromptFeatures:
+    """Text encoder output for P prompts: every token projected to the DETR width.
+
+    tokens  float [P, L, D]
+    mask    bool  [P, L], True for real tokens
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+class Sam3Detector(nn.Module):
+    """`Sam3Model` with a batched, every-layer forward. `.model` is the transformers model, `.config` its config.
+
+    forward(batch, with_masks) -> dict for the Q (image, prompt) pairs, N = number of decoder queries:
+        pred_logits      float [Q, N]        score logits, last decoder layer
+        pred_boxes       float [Q, N, 4]     normalised cxcywh
+        presence_logits  float [Q]           is the prompt present in the image at all
+        pred_masks       float [Q, N, h, w]  mask logits at 4x the patch grid (only when with_masks)
+        aux_outputs      list of L - 1 dicts with the first three keys, earlier decoder layers in order
+    """
+
+    def __init__(self, model: Sam3Model) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Sam3Config:
+        return self.model.config
+
+    def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        """Run the vision encoder once on float [B, 3, S, S] (S = config image size)."""
+        size = self.config.image_size  # an int, or [height, width] in a hand-written config
+        height, width = size if isinstance(size, (list, tuple)) else (size, size)
+        if tuple(pixel_values.shape[-2:]) != (height, width):
+            raise ConfigError(
+                f"images are {tuple(pixel_values.shape[-2:])} pixels but the model was built for {height} x {width}; "
+                f"preprocess to that size or load the model with image_size={pixel_values.shape[-1]}"
+            )
+        out = self.model.vision_encoder(pixel_values)
+        levels = tuple(out.fpn_hidden_states[:-1])
+        return ImageFeatures(levels=levels, position=out.fpn_position_encoding[len(levels) - 1][:1])
+
+    def encode_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptFeatures:
+        """Run the text encoder once on long [P, L] ids (sam3.tokenizer) and project every token."""
+        out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return PromptFeatures(tokens=out.pooler_output, mask=attention_mask.bool())
+
+    def decode(
+        self,
+        vision_features: ImageFeatures,
+        text_features: PromptFeatures,
+        query_image: torch.Tensor,
+        query_prompt: torch.Tensor,
+        with_masks: bool = False,
+    ) -> dict:
+        """DETR encoder, decoder, heads (and mask decoder) on the Q pairs (query_image[q], query_prompt[q])."""
+        num_queries = query_image.numel()
+        image = vision_features.levels[-1].index_select(0, query_image)  # [Q, C, H, W]
+        position = vision_features.position.expand(num_queries, -1, -1, -1)
+        prompt = text_features.tokens.index_select(0, query_prompt)  # [Q, L, D]
+        prompt_mask = text_features.mask.index_select(0, query_prompt)  # [Q, L]
+
+        encoded = self.model.detr_encoder(
+            vision_features=[image], text_features=prompt, vision_pos_embeds=[position], text_mask=prompt_mask
+        )
+        decoded = self.model.detr_decoder(
+            vision_features=encoded.last_hidden_state,
+            text_features=encoded.text_features,
+            vision_pos_encoding=encoded.pos_embeds_flattened,
+            text_mask=prompt_mask,
+            spatial_shapes=encoded.spatial_shapes,
+        )
+        hidden = decoded.intermediate_hidden_states  # [L, Q, N, D], after the decoder's output norm
+        offsets = self.model.detr_decoder.box_head(hidden)  # [L, Q, N, 4], logit space
+        boxes = (inverse_sigmoid(decoded.reference_boxes) + offsets).sigmoid()  # [L, Q, N, 4] cxcywh
+        logits = self.model.dot_product_scoring(
+            decoder_hidden_states=hidden, text_features=encoded.text_features, text_mask=prompt_mask
+        ).squeeze(-1)  # [L, Q, N]
+        presence = decoded.presence_logits.squeeze(-1)  # [L, Q]
+
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "presence_logits": presence[-1]}
+        if with_masks:
+            # The finest levels are gathered per pair only here: at 1008 px the 4x level is 85 MB per pair.
+            levels = [level.index_select(0, query_image) for level in vision_features.levels[:-1]] + [image]
+            outputs["pred_masks"] = self.model.mask_decoder(
+                decoder_queries=hidden[-1],
+                backbone_features=levels,
+                encoder_hidden_states=encoded.last_hidden_state,
+                prompt_features=prompt,
+                prompt_mask=prompt_mask,
+            ).pred_masks
+        outputs["aux_outputs"] = [
+            {"pred_logits": logits[i], "pred_boxes": boxes[i], "presence_logits": presence[i]}
+            for i in range(hidden.shape[0] - 1)
+        ]
+        return outputs
+
+    def forward(self, batch: PromptBatch, with_masks: bool = False) -> dict:
+        images = self.encode_images(batch.pixel_values)
+        prompts = self.encode_prompts(batch.input_ids, batch.attention_mask)
+        return self.decode(images, prompts, batch.query_image, batch.query_prompt, with_masks=with_masks)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write config.json + model.safetensors (transformers format); `load_model(folder)` reads it back."""
+        self.model.save_pretrained(folder)
+
+
+def parameters_without_text_gradients(model: Sam3Detector | Sam3Model, with_masks: bool = True) -> tuple[str, ...]:
+    """Names (as in `Sam3Model.named_parameters()`) of the parameters that never get a gradient from
+    `Sam3Detector.forward` with text-only prompts. Freeze them, or DDP needs find_unused_parameters:
+
+        vision_encoder.neck.fpn_layers.<last>     the 0.5x FPN level, computed but dropped by the forward
+        text_encoder.text_projection              CLIP's pooled projection; SAM 3 projects every token with the
+                                                  top-level text_projection instead
+        geometry_encoder                          encodes box exemplars, which text prompts do not have
+        mask_decoder.semantic_projection          the semantic-segmentation head, not among our outputs
+        mask_decoder.pixel_decoder.{conv_layers,norms}.<k>  for k >= (FPN levels used) - 1: the pixel decoder
+                                                  runs one stage per upsampling step between the 3 levels, i.e. 2
+                                                  of its num_upsampling_stages = 3
+    and when with_masks is False, everything that only feeds masks:
+        mask_decoder                              all of it
+        vision_encoder.neck.fpn_layers.<0, 1>     the 4x and 2x levels (the DETR parts read only the 1x level)
+    """
+    sam3_model = model.model if isinstance(model, Sam3Detector) else model
+    num_fpn = len(sam3_model.config.vision_config.scale_factors)
+    detr_level = num_fpn - 2  # the forward drops the last level and gives the DETR parts the one before
+    if with_masks:
+        unused_fpn = [num_fpn - 1]
+        stages_run = num_fpn - 2  # upsampling steps between the num_fpn - 1 levels the mask decoder reads
+        stages = range(stages_run, sam3_model.config.mask_decoder_config.num_upsampling_stages)
+        mask_parts = ["mask_decoder.semantic_projection."]
+        mask_parts += [f"mask_decoder.pixel_decoder.{part}.{k}." for k in stages for part in ("conv_layers", "norms")]
+    else:
+        unused_fpn = [level for level in range(num_fpn) if level != detr_level]
+        mask_parts = ["mask_decoder."]
+    prefixes = (
+        *(f"vision_encoder.neck.fpn_layers.{level}." for level in unused_fpn),
+        "text_encoder.text_projection.",
+        "geometry_encoder.",
+        *mask_parts,
+    )
+    return tuple(name for name, _ in sam3_model.named_parameters() if name.startswith(prefixes))
