@@ -65,12 +65,15 @@ def load_coco(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def save_coco(path: str | Path, data: dict[str, Any]) -> None:
-    """Write `data` as JSON deterministically (sorted keys, indent 1, newline at end), creating parent folders."""
+def save_coco(path: str | Path, data: dict[str, Any], allow_nan: bool = False) -> None:
+    """Write `data` as JSON deterministically (sorted keys, indent 1, newline at end), creating parent folders.
+
+    NaN / Infinity are refused unless `allow_nan` (only the quarantine writes records back as found).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, sort_keys=True, indent=1, allow_nan=allow_nan) + "\n", encoding="utf-8")
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 

@@ -1,0 +1,13 @@
+"""Data validation for `python -m pipeline validate`: one module per job.
+
+- `problems`: the check names, severities and the `Problem` record every check produces.
+- `records`: loads a split and flattens its images, annotations and categories into pandas tables of scalar facts.
+- `rle`: reads the run lengths of a COCO RLE and says why it does not decode.
+- `suites`: the great-expectations rules over those tables, run in one ephemeral context, turned into Problems.
+- `files`: opens the image files (what great-expectations cannot do).
+- `quarantine`: splits each split's records into valid and quarantined from the problems found.
+- `output`: writes the clean copy and the quarantine.
+- `report`: the report (counts, problems, exit code), its JSON and the human summary.
+
+`pipeline.validate` runs them in that order.
+"""

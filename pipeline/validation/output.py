@@ -1,0 +1,98 @@
+"""Write the clean dataset and the quarantine.
+
+    CLEAN_DIR/<split>/_annotations.coco.json              the input's top-level object (info, licenses, ... kept) with
+                                                          the valid images, annotations and categories (save_coco)
+    CLEAN_DIR/<split>/<file_name>                         valid images, hard-linked (copied across filesystems)
+    CLEAN_DIR/_quarantine/<split>/_annotations.coco.json  the quarantined records, each with `_problems`
+    CLEAN_DIR/_quarantine/<split>/<file_name>             the quarantined images' files that exist
+
+`_quarantine/` is always created (empty when nothing was quarantined): it marks the folder as validate output,
+the only kind of non-empty folder a later run will replace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.validation.files import unsafe_reason
+from pipeline.validation.problems import Table
+from pipeline.validation.quarantine import SplitOutcome
+from sam3.coco import ANNOTATIONS_FILE, save_coco
+from sam3.errors import ConfigError
+
+QUARANTINE_DIR = "_quarantine"
+
+log = logging.getLogger(__name__)
+
+
+def prepare_out_dir(out_dir: Path, dataset_dir: Path) -> None:
+    """Make `out_dir` an empty folder holding `_quarantine/`, replacing an earlier validate output.
+
+    Raises ConfigError when `out_dir` is, contains or lies inside the dataset, or is a non-empty folder that is
+    not validate output (we never delete what we did not write).
+    """
+    out, source = out_dir.resolve(), dataset_dir.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise ConfigError(f"--out {out_dir} overlaps the dataset {dataset_dir}; write the clean copy somewhere else")
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise ConfigError(f"--out {out_dir} exists and is not a folder; choose another path")
+        if any(out_dir.iterdir()) and not (out_dir / QUARANTINE_DIR).is_dir():
+            raise ConfigError(
+                f"--out {out_dir} is not empty and is not an earlier validate output (it has no {QUARANTINE_DIR}/); "
+                "choose another path or empty it"
+            )
+        shutil.rmtree(out_dir)
+    (out_dir / QUARANTINE_DIR).mkdir(parents=True)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` to `target` (no extra disk space), or copy it where a link is not possible."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        return  # two records share one file
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(source, target)
+
+
+def _copy_images(images: list[Any], source_dir: Path, target_dir: Path) -> int:
+    """Place the files of `images` (those with a safe file_name that exists) under `target_dir`; returns how many."""
+    placed = 0
+    for image in images:
+        record = image.get("_record", image) if isinstance(image, dict) else image
+        file_name = record.get("file_name") if isinstance(record, dict) else None
+        if not isinstance(file_name, str) or unsafe_reason(file_name) is not None:
+            continue
+        source = source_dir / file_name
+        if source.is_file():
+            link_or_copy(source, target_dir / file_name)
+            placed += 1
+    return placed
+
+
+def _with_records(data: dict[str, Any], records: dict[Table, list[Any]]) -> dict[str, Any]:
+    return {**data, **{str(table): records[table] for table in Table}}
+
+
+def write_outcome(outcome: SplitOutcome, dataset_dir: Path, out_dir: Path) -> None:
+    """Write one split's clean annotation file and images, and its quarantine when it has one."""
+    split = outcome.split
+    source_dir = dataset_dir / split
+    save_coco(out_dir / split / ANNOTATIONS_FILE, _with_records(outcome.records.data, outcome.valid))
+    _copy_images(outcome.valid[Table.IMAGES], source_dir, out_dir / split)
+    if not any(outcome.quarantined.values()):
+        return
+    quarantine_dir = out_dir / QUARANTINE_DIR / split
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    data = _with_records(outcome.records.data, outcome.quarantined)
+    # allow_nan: quarantined records may hold the NaN/Infinity they were rejected for; they are written back as
+    # found (Python's json, and so load_coco, reads them)
+    save_coco(quarantine_dir / ANNOTATIONS_FILE, data, allow_nan=True)
+    placed = _copy_images(outcome.quarantined[Table.IMAGES], source_dir, quarantine_dir)
+    log.debug("%s: %d quarantined image files placed in %s", split, placed, quarantine_dir)
