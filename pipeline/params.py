@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from sam3.errors import ConfigError
+from sam3.optim import OptimConfig
+from sam3.trainer import DDPConfig, GuardConfig, LoopConfig, LossConfig
 
 
 @dataclass
@@ -47,11 +49,33 @@ class ModelParams:
 
 
 @dataclass
+class LauncherParams:
+    """Where `train` runs: this machine (torchrun-style processes) or a SLURM cluster through submitit."""
+
+    kind: Literal["local", "slurm"] = "local"
+    nodes: int = 1
+    gpus_per_node: int = 1  # processes per node; on CPU, processes to start (gloo)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 240
+    cpus_per_task: int = 8
+    mem_gb: int | None = None
+    log_dir: str = "runs/slurm"
+
+
+@dataclass
 class Params:
     dataset: DatasetParams = field(default_factory=DatasetParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     model: ModelParams = field(default_factory=ModelParams)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    launcher: LauncherParams = field(default_factory=LauncherParams)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -127,6 +151,11 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where} = {value!r}: expected {_type_name(hint)}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{where} = {value!r}: expected a list of {len(args)} values")
+        return tuple(_check_value(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True)))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} = {value!r}: expected a list")

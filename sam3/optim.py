@@ -126,9 +126,15 @@ def build_optimizer(model: nn.Module, config: OptimConfig, num_vit_blocks: int) 
     return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=on_cuda or None)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, config: OptimConfig) -> None:
-    """Write the scheduled learning rate of `step` into every group (each from its own `base_lr`)."""
+def set_lr(
+    optimizer: torch.optim.Optimizer, step: int, total_steps: int, config: OptimConfig, scale: float = 1.0
+) -> None:
+    """Write the scheduled learning rate of `step`, times `scale`, into every group (each from its `base_lr`).
+
+    `scale` is the divergence guard's multiplier: applied here, never stored into `base_lr`, so repeated
+    rollbacks lower the rate by exactly lr_factor^rollbacks.
+    """
     for group in optimizer.param_groups:
-        group["lr"] = inverse_sqrt_lr(
+        group["lr"] = scale * inverse_sqrt_lr(
             step, total_steps, group["base_lr"], config.warmup, config.cooldown, config.timescale
         )

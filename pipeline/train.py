@@ -1,0 +1,117 @@
+"""`python -m pipeline train --run-dir DIR [--params FILE] [--set section.key=value ...] [--dry-run]`.
+
+Reads params.yaml into typed sections, writes the resolved params next to the run, and starts training:
+- `launcher.kind: local` with `launcher.gpus_per_node: 1` (or no GPU and 1 process): trains in this process;
+- `launcher.kind: local` with more processes: starts them with torchrun's elastic launcher on this node
+  (NCCL on GPUs, gloo on CPU);
+- `launcher.kind: slurm`: submits a job through submitit (nodes x GPUs per node, partition, account, qos, time),
+  requeued on preemption; the job resumes from the run's newest checkpoint. `--datasets A B C` makes a job array,
+  one run per dataset under RUN_DIR/<dataset name>.
+The run folder holds checkpoints/, model/ (transformers format), tensorboard/, train_stats.jsonl, params.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import yaml
+
+from pipeline.params import Params, load_params, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, type=Path, help="output folder of the run (resumed if present)")
+    parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a param"
+    )
+    parser.add_argument("--dataset", help="dataset folder (default: data/preprocessed/<dataset.name>)")
+    parser.add_argument("--negatives", help="negatives file {image_id: [phrases]} (optional)")
+    parser.add_argument("--datasets", nargs="+", help="SLURM job array: one run per dataset folder")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved params, check them, do not train")
+
+
+def build_job(params: Params, run_dir: Path, dataset: str, negatives: str | None):
+    """The plain-valued `TrainJob` the library trains from."""
+    from sam3.trainer import TrainJob
+
+    return TrainJob(
+        run_dir=str(run_dir),
+        dataset_dir=dataset,
+        negatives=negatives,
+        model_source=params.model.source,
+        image_size=params.model.image_size,
+        with_masks=params.model.mode == "segmentation",
+        loop=params.train,
+        optim=params.optim,
+        loss=params.loss,
+        guard=params.guard,
+        ddp=params.ddp,
+        params=to_dict(params),
+    )
+
+
+def check_params(params: Params) -> None:
+    """Value checks that types alone cannot express; ConfigError names the key."""
+    from sam3.errors import ConfigError
+    from sam3.freeze import FREEZE_MODES
+    from sam3.trainer import AMP_DTYPES
+
+    checks = [
+        (params.train.freeze in FREEZE_MODES, f"train.freeze must be one of {', '.join(FREEZE_MODES)}"),
+        (params.train.amp_dtype in AMP_DTYPES, f"train.amp_dtype must be one of {', '.join(AMP_DTYPES)}"),
+        (params.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (params.train.accumulation >= 1, "train.accumulation must be >= 1"),
+        (params.train.epochs >= 1 or params.train.max_steps, "train.epochs must be >= 1 (or set train.max_steps)"),
+        (params.loss.class_loss in ("iabce", "focal"), "loss.class_loss must be iabce or focal"),
+        (params.ddp.gradient_compression in ("none", "fp16", "bf16"), "ddp.gradient_compression: none|fp16|bf16"),
+        (params.launcher.nodes >= 1 and params.launcher.gpus_per_node >= 1, "launcher.nodes/gpus_per_node >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sam3.coco import present_splits
+
+    params = load_params(args.params, args.overrides)
+    check_params(params)
+    dataset = args.dataset or f"data/preprocessed/{params.dataset.name}"
+    if args.dry_run:
+        print(yaml.safe_dump(to_dict(params), sort_keys=False), end="")
+        if not args.datasets:
+            present_splits(dataset)  # the dataset must exist: DataError otherwise
+        print(f"# params OK; dataset {args.datasets or dataset}; run dir {args.run_dir}")
+        return 0
+    if params.launcher.kind == "slurm":
+        from pipeline.launch import submit_slurm
+
+        submit_slurm(params, args.run_dir, args.datasets or [dataset], args.negatives)
+        return 0
+    if args.datasets:
+        from sam3.errors import ConfigError
+
+        raise ConfigError("--datasets (a job array) needs launcher.kind=slurm; run datasets one by one locally")
+    job = build_job(params, args.run_dir, dataset, args.negatives)
+    write_resolved_params(params, args.run_dir)
+    processes = params.launcher.nodes * params.launcher.gpus_per_node
+    if processes > 1:
+        from pipeline.launch import launch_local
+
+        launch_local(job, params.launcher.gpus_per_node)
+    else:
+        from sam3.trainer import train
+
+        export_dir = train(job)
+        print(f"fine-tuned model: {export_dir}")
+    return 0
+
+
+def write_resolved_params(params: Params, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(to_dict(params), sort_keys=False), encoding="utf-8")

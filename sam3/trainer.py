@@ -1,0 +1,383 @@
+"""The fine-tuning loop: one readable function over the engine step.
+
+Features and the `TrainConfig` fields that turn them on:
+- model source (tiny | full | transformers folder) and input size: model_source, image_size
+- detection or detection + segmentation: with_masks
+- epochs or a fixed number of optimiser steps: epochs, max_steps
+- batch size per process and gradient accumulation: batch_size, accumulation
+- a seeded subset of N training images (RF100-VL "100 images"): subset_images
+- the recipe's optimiser, layer decay and schedule: optim (sam3.optim.OptimConfig)
+- freezing: freeze (sam3.freeze modes)
+- bf16 / fp16 autocast on CUDA, fp32 on CPU: amp_dtype
+- distributed data parallel from torchrun's environment (gloo on CPU): sam3.distributed
+- checkpoints every N steps and at the end, atomic, resumed automatically: checkpoint_every, keep_last
+- divergence guard (roll back, lower lr, go on, up to a limit): guard_*
+- logs: tqdm, TensorBoard, train_stats.jsonl, every log_every steps
+At the end the model is exported in transformers format to run_dir/model (`Sam3Model.from_pretrained` loads it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from sam3.checkpoint import TrainState, epoch_checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from sam3.data.collate import collate_prompts
+from sam3.data.dataset import CocoPromptDataset
+from sam3.data.sampler import ResumableSampler
+from sam3.distributed import DistInfo, barrier, init_distributed
+from sam3.engine import train_step
+from sam3.freeze import apply_freeze
+from sam3.guard import DivergenceGuard
+from sam3.losses import Criterion
+from sam3.matcher import HungarianMatcher
+from sam3.model import load_model, parameters_without_text_gradients
+from sam3.optim import OptimConfig, build_optimizer, set_lr
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+@dataclass
+class LoopConfig:
+    """The training loop (`train` section of params.yaml)."""
+
+    epochs: int = 20
+    max_steps: int | None = None  # optimiser steps; overrides epochs when set
+    batch_size: int = 1  # images per process per micro-batch
+    accumulation: int = 1  # micro-batches per optimiser step
+    num_workers: int = 0
+    subset_images: int | None = None  # a seeded random subset of N training images (RF100-VL "100 images")
+    num_negatives: int | None = None  # None: every absent category is a negative query (the reference)
+    seed: int = 0
+    freeze: str = "none"  # none | vision | vision_text | heads (sam3.freeze)
+    grad_clip: float = 0.1
+    amp_dtype: str = "bf16"  # bf16 | fp16 | none (CUDA only; CPU runs fp32)
+    tf32: bool = True  # TF32 matmuls / convolutions on Ampere+ GPUs
+    cudnn_benchmark: bool = False
+    checkpoint_every: int = 100  # optimiser steps
+    checkpoint_epochs: list[int] = field(default_factory=list)  # extra checkpoints kept for good at these epochs
+    keep_last: int = 3
+    log_every: int = 10
+
+
+@dataclass
+class LossConfig:
+    """Criterion weights (`loss` section); defaults are the recipe's (SAM3_RECIPE section 3)."""
+
+    class_loss: str = "iabce"  # iabce (the recipe) | focal (training from scratch)
+    pos_weight: float = 10.0  # 10 for RF100-VL, 5 for ODinW
+    weight_bbox: float = 5.0
+    weight_giou: float = 2.0
+    weight_ce: float = 20.0
+    weight_presence: float = 20.0
+    weight_mask: float = 200.0
+    weight_dice: float = 10.0
+    ce_on_negative_prompts: bool = False
+    scale_by_sqrt_num_queries: bool = False
+
+
+@dataclass
+class GuardConfig:
+    """Divergence guard (`guard` section): roll back on a non-finite loss or a spike over the running median."""
+
+    spike_factor: float = 10.0
+    window: int = 50
+    min_history: int = 10
+    lr_factor: float = 0.5
+    max_rollbacks: int = 3
+
+
+@dataclass
+class DDPConfig:
+    """DistributedDataParallel options (`ddp` section)."""
+
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+    gradient_compression: str = "none"  # none | fp16 | bf16: all-reduce gradients in lower precision
+    timeout_s: int = 1800
+
+
+@dataclass
+class TrainJob:
+    """Everything one training run needs, as plain values."""
+
+    run_dir: str
+    dataset_dir: str
+    negatives: str | None = None
+    model_source: str = "tiny"
+    image_size: int | None = None
+    with_masks: bool = False
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    params: dict = field(default_factory=dict)  # the resolved params, stored in every checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(job: TrainJob) -> Path:
+    """Fine-tune as `job` says; return the exported model folder (transformers format)."""
+    loop = job.loop
+    dist_info = init_distributed(timeout_s=job.ddp.timeout_s)
+    device = dist_info.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = loop.tf32
+        torch.backends.cudnn.allow_tf32 = loop.tf32
+        torch.backends.cudnn.benchmark = loop.cudnn_benchmark
+    run_dir = Path(job.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if dist_info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(loop.seed + dist_info.rank)
+
+    detector = load_model(job.model_source, image_size=job.image_size)
+    detector.train()
+    image_size = detector.config.vision_config.backbone_config.image_size
+    unused = parameters_without_text_gradients(detector, with_masks=job.with_masks)
+    counts = apply_freeze(detector.model, loop.freeze, also_freeze=unused)
+    logger.info(
+        "parameters: %s trainable, %s frozen (freeze=%s, %d tensors never get a gradient from text prompts)",
+        f"{counts['trainable']:,}",
+        f"{counts['frozen']:,}",
+        loop.freeze,
+        len(unused),
+    )
+    detector.to(device)
+
+    dataset = CocoPromptDataset(
+        job.dataset_dir,
+        "train",
+        image_size=image_size,
+        train=True,
+        with_masks=job.with_masks,
+        negatives=job.negatives,
+        seed=loop.seed,
+        num_negatives=loop.num_negatives,
+    )
+    indices = _subset(len(dataset), loop.subset_images, loop.seed)
+    train_set = torch.utils.data.Subset(dataset, indices) if indices is not None else dataset
+    sampler = ResumableSampler(len(train_set), loop.seed, True, dist_info.rank, dist_info.world_size)
+    micro_per_epoch = math.ceil(sampler.per_rank / loop.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // loop.accumulation)
+    total_steps = loop.max_steps or steps_per_epoch * loop.epochs
+    logger.info(
+        "%d training images (%d per process), %d steps per epoch, %d steps in all",
+        len(train_set),
+        sampler.per_rank,
+        steps_per_epoch,
+        total_steps,
+    )
+
+    num_blocks = detector.config.vision_config.backbone_config.num_hidden_layers
+    optimizer = build_optimizer(detector.model, job.optim, num_blocks)
+    amp_dtype = AMP_DTYPES[loop.amp_dtype] if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    criterion = Criterion(matcher=HungarianMatcher(), with_masks=job.with_masks, **asdict(job.loss))
+    guard = DivergenceGuard(**asdict(job.guard))
+
+    state = TrainState()
+    resume_from = latest_checkpoint(ckpt_dir)
+    if resume_from is not None:
+        state, _, _ = load_checkpoint(resume_from, detector.model, optimizer, scaler)
+        guard.load_state_dict(state.guard)
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    else:
+        # step 0 is the first "last good" checkpoint the divergence guard can roll back to
+        _save(ckpt_dir, state, detector, optimizer, scaler, guard, job, dist_info)
+    barrier()
+
+    model = _wrap_ddp(detector, job.ddp, dist_info)
+    logs = _Logs(run_dir, dist_info)
+    progress = _progress(total_steps, state.step, dist_info)
+    started, images_seen = time.perf_counter(), 0
+    while state.step < total_steps:
+        epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start=step_in_epoch * loop.accumulation * loop.batch_size)
+        loader = DataLoader(
+            train_set,
+            batch_size=loop.batch_size,
+            sampler=sampler,
+            collate_fn=collate_prompts,
+            num_workers=loop.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        micro: list = []
+        rolled_back = False
+        for batch in loader:
+            micro.append(batch)
+            if len(micro) < loop.accumulation:
+                continue
+            set_lr(optimizer, state.step, total_steps, job.optim, scale=guard.lr_multiplier)
+            result = train_step(
+                model,
+                criterion,
+                optimizer,
+                micro,
+                device=device,
+                with_masks=job.with_masks,
+                amp_dtype=amp_dtype,
+                grad_clip=loop.grad_clip,
+                scaler=scaler,
+            )
+            images_seen += sum(len(b.image_ids) for b in micro) * dist_info.world_size
+            micro = []
+            reason = guard.check(_global_mean(result.loss, dist_info), step=state.step)
+            if reason is not None:
+                multiplier = guard.register_rollback()  # raises DivergenceError past the limit
+                back = latest_checkpoint(ckpt_dir)
+                logger.warning("step %d: %s; rolling back to %s, lr x %.3g", state.step, reason, back.name, multiplier)
+                logs.event({"step": state.step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
+                # the guard's own state (rollback count) is NOT restored from the checkpoint
+                state, _, _ = load_checkpoint(back, detector.model, optimizer, scaler)
+                rolled_back = True
+                break
+            epoch_step = state.step + 1 - epoch * steps_per_epoch
+            state = TrainState(step=state.step + 1, epoch=epoch, epoch_step=epoch_step, best_metric=state.best_metric)
+            progress.update(1)
+            if state.step % loop.log_every == 0 or state.step == total_steps:
+                logs.step(state.step, result, optimizer, images_seen / (time.perf_counter() - started), device)
+            end_of_epoch = epoch_step == steps_per_epoch
+            if state.step % loop.checkpoint_every == 0 or state.step == total_steps or end_of_epoch:
+                _save(ckpt_dir, state, detector, optimizer, scaler, guard, job, dist_info)
+                if end_of_epoch and epoch + 1 in loop.checkpoint_epochs:
+                    _save(
+                        ckpt_dir,
+                        state,
+                        detector,
+                        optimizer,
+                        scaler,
+                        guard,
+                        job,
+                        dist_info,
+                        epoch_checkpoint_name(epoch + 1),
+                    )
+                barrier()  # a rollback on any rank must find this file complete
+            if state.step >= total_steps or end_of_epoch:
+                break
+        if not rolled_back and micro:
+            logger.info("epoch %d: %d trailing micro-batches left out of the last step", epoch, len(micro))
+    progress.close()
+    logs.close()
+    export_dir = run_dir / "model"
+    if dist_info.is_main:
+        detector.save_pretrained(export_dir)
+        logger.info("exported the fine-tuned model to %s", export_dir)
+    barrier()
+    return export_dir
+
+
+def _wrap_ddp(detector: torch.nn.Module, ddp: DDPConfig, dist_info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel around the detector when there is more than one process."""
+    if not dist_info.enabled:
+        return detector
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    model = torch.nn.parallel.DistributedDataParallel(
+        detector,
+        device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
+        find_unused_parameters=ddp.find_unused_parameters,
+        static_graph=ddp.static_graph,
+    )
+    if ddp.gradient_compression == "fp16":
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif ddp.gradient_compression == "bf16":
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return model
+
+
+def _global_mean(value: torch.Tensor, dist_info: DistInfo) -> float:
+    """The loss averaged over ranks, so every rank takes the same divergence decision."""
+    if dist_info.enabled:
+        value = value.detach().clone()
+        torch.distributed.all_reduce(value)
+        value /= dist_info.world_size
+    return float(value)
+
+
+def _subset(size: int, subset_images: int | None, seed: int) -> list[int] | None:
+    """Seeded random subset of the training images (sorted), or None for all of them."""
+    if subset_images is None or subset_images >= size:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=generator)[:subset_images].tolist())
+
+
+def _save(ckpt_dir, state, detector, optimizer, scaler, guard, job: TrainJob, dist_info: DistInfo, name=None) -> None:
+    if not dist_info.is_main:
+        return
+    state.guard = guard.state_dict()
+    save_checkpoint(
+        ckpt_dir,
+        state.step,
+        detector.model,
+        optimizer,
+        None,
+        scaler,
+        state,
+        job.params,
+        keep_last=job.loop.keep_last,
+        name=name,
+    )
+
+
+def _progress(total: int, done: int, dist_info: DistInfo):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", disable=not dist_info.is_main)
+
+
+class _Logs:
+    """TensorBoard scalars and train_stats.jsonl, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, dist_info: DistInfo):
+        self.enabled = dist_info.is_main
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.jsonl = (run_dir / "train_stats.jsonl").open("a", encoding="utf-8")
+
+    def step(self, step, result, optimizer, images_per_s, device) -> None:
+        if not self.enabled:
+            return
+        # .item() here only: these are the host syncs of a log step
+        record = {"step": step, **{k: float(v) for k, v in result.terms.items()}}
+        record["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else None
+        for group in optimizer.param_groups:
+            record.setdefault(f"lr/{group['component']}", group["lr"])
+        record["images_per_s"] = images_per_s
+        if device.type == "cuda":
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                self.writer.add_scalar(key, value, step)
+        self.event(record)
+
+    def event(self, record: dict) -> None:
+        if self.enabled:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
