@@ -4,8 +4,9 @@ Groups
     Three components with their own base learning rate: the vision encoder (ViT trunk + FPN neck, 2.5e-5), the
     text encoder with its projection to the DETR width (5e-6), and everything else, the "DETR parts" (fusion
     encoder, decoder, heads, mask decoder, scoring: 8e-5).
-    Layer-wise decay over the ViT trunk: block i (0-based) of L gets decay^(L - i), the patch/position embeddings
-    and the pre-norm decay^(L + 1); the neck and the other components get 1.
+    Layer-wise decay over the ViT trunk: block i (0-based) of L gets decay^(L - i), the patch embedding and the
+    pre-norm decay^(L + 1); the position embeddings (the reference config's `*pos_embed*` override), the neck and
+    the other components get 1.
     Weight decay 0.1, except biases and normalisation parameters (LayerNorm, GroupNorm, ...), which get 0.
     Frozen parameters (requires_grad False) are left out, so they carry no optimiser state.
 Each group records its `base_lr` (after layer decay) and `component`; `set_lr(optimizer, step, total)` writes
@@ -24,6 +25,7 @@ from torch import nn
 VISION_PREFIX = "vision_encoder."
 TEXT_PREFIXES = ("text_encoder.", "text_projection.")
 _VIT_BLOCK = re.compile(r"^vision_encoder\.backbone\.layers\.(\d+)\.")
+_VIT_POSITION = "vision_encoder.backbone.embeddings.position_embeddings"
 _VIT_STEM = ("vision_encoder.backbone.embeddings.", "vision_encoder.backbone.layer_norm.")
 
 
@@ -70,6 +72,8 @@ def component_of(name: str) -> str:
 
 def vit_layer_scale(name: str, num_blocks: int, decay: float) -> float:
     """Layer-wise decay factor: decay^(L - i) for ViT block i, decay^(L + 1) for the stem, 1 elsewhere."""
+    if name.startswith(_VIT_POSITION):
+        return 1.0
     match = _VIT_BLOCK.match(name)
     if match:
         return decay ** (num_blocks - int(match.group(1)))

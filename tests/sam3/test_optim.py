@@ -52,6 +52,8 @@ def test_groups_follow_the_recipe_on_the_full_architecture(full_model_on_meta):
     assert block31["base_lr"] == pytest.approx(2.5e-5 * 0.9)
     stem = _group_of(groups, "vision_encoder.backbone.embeddings.patch_embeddings.projection.weight")
     assert stem["base_lr"] == pytest.approx(2.5e-5 * 0.9**33)
+    position = _group_of(groups, "vision_encoder.backbone.embeddings.position_embeddings")
+    assert position["base_lr"] == pytest.approx(2.5e-5)  # the reference overrides *pos_embed* to 1.0
     prenorm = _group_of(groups, "vision_encoder.backbone.layer_norm.weight")
     assert prenorm["base_lr"] == pytest.approx(2.5e-5 * 0.9**33) and prenorm["weight_decay"] == 0.0
     neck = _group_of(groups, "vision_encoder.neck.fpn_layers.0.proj1.weight")
