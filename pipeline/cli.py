@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from pipeline import demo_data, preprocess, score, shapes_data, train, validate
+from pipeline import aggregate, demo_data, negatives, preprocess, score, shapes_data, train, validate
 from sam3.errors import Sam3Error
 
 STAGES = (
@@ -19,8 +19,10 @@ STAGES = (
     ("shapes-data", shapes_data, "generate a coloured-shapes dataset (prompts such as 'red circle')"),
     ("validate", validate, "check a COCO dataset; write the clean copy, a quarantine and a JSON report"),
     ("preprocess", preprocess, "resize a dataset to fit SIZE x SIZE, transforming boxes and masks to match"),
+    ("negatives", negatives, "per-image negative prompts: absent categories, phrase-bank neighbours, mined"),
     ("train", train, "fine-tune SAM 3 from params.yaml (resumes; local, multi-process or SLURM)"),
     ("score", score, "COCO AP and SA-Co metrics (cgF1, IL_MCC, pmF1) of a predictions file, no model needed"),
+    ("aggregate", aggregate, "suite tables: RF100-VL mean AP per domain, ODinW13 mean and spread over seeds"),
 )
 
 

@@ -42,6 +42,17 @@ class PreprocessParams:
 
 
 @dataclass
+class NegativesParams:
+    """Extra negative prompts per image (`pipeline negatives`)."""
+
+    strategies: str = "absent"  # space-separated, in fill order: absent | bank | mined (bank/mined use the model)
+    per_image: int = 30
+    seed: int = 0
+    similarity_threshold: float = 0.9  # bank/mined: leave out phrases this close to a present category
+    score_threshold: float = 0.5  # mined: keep phrases the model fires on above this score
+
+
+@dataclass
 class ModelParams:
     source: str = "tiny"  # "tiny" | "full" | a local transformers-format folder (e.g. a facebook/sam3 download)
     image_size: int | None = None  # None: the model's own (1008 full, 224 tiny)
@@ -69,6 +80,7 @@ class Params:
     dataset: DatasetParams = field(default_factory=DatasetParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    negatives: NegativesParams = field(default_factory=NegativesParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
