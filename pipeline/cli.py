@@ -11,7 +11,18 @@ import argparse
 import logging
 import sys
 
-from pipeline import aggregate, demo_data, negatives, preprocess, score, shapes_data, train, validate
+from pipeline import (
+    aggregate,
+    demo_data,
+    evaluate,
+    negatives,
+    predict,
+    preprocess,
+    score,
+    shapes_data,
+    train,
+    validate,
+)
 from sam3.errors import Sam3Error
 
 STAGES = (
@@ -21,6 +32,8 @@ STAGES = (
     ("preprocess", preprocess, "resize a dataset to fit SIZE x SIZE, transforming boxes and masks to match"),
     ("negatives", negatives, "per-image negative prompts: absent categories, phrase-bank neighbours, mined"),
     ("train", train, "fine-tune SAM 3 from params.yaml (resumes; local, multi-process or SLURM)"),
+    ("evaluate", evaluate, "box/mask AP and SA-Co metrics of a model on a split, with an optional baseline"),
+    ("predict", predict, "detect and segment prompts in images; COCO JSON and overlay PNGs"),
     ("score", score, "COCO AP and SA-Co metrics (cgF1, IL_MCC, pmF1) of a predictions file, no model needed"),
     ("aggregate", aggregate, "suite tables: RF100-VL mean AP per domain, ODinW13 mean and spread over seeds"),
 )

@@ -60,6 +60,14 @@ class ModelParams:
 
 
 @dataclass
+class EvaluateParams:
+    split: str = "test"
+    baseline: str = "tiny"  # also evaluated, for the before / after table: the model before fine-tuning
+    prompt_chunk: int = 16  # prompts per decoder call; lower it if memory runs out
+    max_dets: int = 100  # detections kept per image across prompts (the recipe's top 100)
+
+
+@dataclass
 class LauncherParams:
     """Where `train` runs: this machine (torchrun-style processes) or a SLURM cluster through submitit."""
 
@@ -88,6 +96,7 @@ class Params:
     guard: GuardConfig = field(default_factory=GuardConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     launcher: LauncherParams = field(default_factory=LauncherParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:

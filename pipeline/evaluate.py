@@ -1,0 +1,336 @@
+"""Stage `evaluate`: a model and a dataset split in; predictions, metrics.json, plot data, a before/after table out.
+
+    python -m pipeline evaluate --model DIR_OR_tiny --dataset DIR --split test --out metrics.json
+        [--mode detection|segmentation] [--predictions OUT.json] [--plots-dir DIR] [--baseline SOURCE]
+        [--gt-original FILE] [--prompt-chunk N] [--max-dets 100] [--batch-size N] [--device auto|cpu|cuda]
+        [--image-size N]
+
+1. Inference (`sam3.inference.predict_dataset`): prompts = the split's category names; top `--max-dets` detections
+   per image across prompts; boxes (and masks) in ORIGINAL image coordinates. Saved as a COCO results file
+   (`--predictions`, default predictions.json next to metrics.json).
+2. Ground truth in the same coordinates. A split that was not preprocessed is used as it is. On a preprocessed
+   split (image records carry orig_width / orig_height) the annotations are scaled back with
+   `sam3.resize.scale_annotation`: boxes and polygons exactly, RLE masks by resampling (so mask AP is then measured
+   against a resampled copy of the masks). `--gt-original FILE` scores against the annotation file from before
+   preprocessing instead (e.g. data/clean/<name>/test/_annotations.coco.json): exact masks; its image ids, sizes
+   and categories must match the split's, or it is an error.
+3. Metrics (`sam3.evaluation.score`): bbox_AP, bbox_AP50, bbox_AP75, bbox_APs/m/l and bbox_AP_per_category; in
+   segmentation mode also the segm_* keys; SA-Co cgF1, cgF1_50, IL_MCC, pmF1, pmF1_50 (on masks in segmentation
+   mode, on boxes otherwise), num_pairs, num_positive_pairs, num_images, num_predictions.
+4. `--plots-dir DIR`: per_category_ap.json (rows category, iou_type, AP) and pr_curve.json (rows recall, precision
+   at IoU 0.5, masks in segmentation mode) for `dvc plots`.
+5. `--baseline SOURCE` (the model before fine-tuning: "tiny", a facebook/sam3 folder ...): evaluated the same way;
+   its metrics go under "baseline" in metrics.json, and report.md next to metrics.json holds a before/after table,
+   which is also printed.
+
+Every model is loaded before any inference runs, so a wrong folder fails at once. JSON files are written with
+sorted keys and indent 2 (`pipeline.score.write_json`): reruns on CPU give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.score import summary_line, write_json
+from sam3.coco import load_coco, present_splits, split_annotation_path
+from sam3.errors import DataError
+from sam3.resize import ORIG_HEIGHT, ORIG_WIDTH, original_size, scale_annotation, to_original_scale
+
+log = logging.getLogger(__name__)
+
+MODES = ("detection", "segmentation")
+PREDICTIONS_FILE = "predictions.json"
+REPORT_FILE = "report.md"
+PER_CATEGORY_PLOT = "per_category_ap.json"
+PR_CURVE_PLOT = "pr_curve.json"
+BASELINE_KEY = "baseline"
+# Rows of the before/after table, in order; segm_* rows appear in segmentation mode only.
+TABLE_KEYS = (
+    "bbox_AP",
+    "bbox_AP50",
+    "bbox_AP75",
+    "segm_AP",
+    "segm_AP50",
+    "segm_AP75",
+    "cgF1",
+    "cgF1_50",
+    "IL_MCC",
+    "pmF1",
+    "pmF1_50",
+)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How inference runs; the same for the model and its baseline."""
+
+    with_masks: bool
+    prompt_chunk: int
+    max_dets: int
+    batch_size: int
+    device: str  # auto | cpu | cuda
+    image_size: int | None  # None: the model's own input size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sam3.inference import DEFAULT_MAX_DETS, DEFAULT_PROMPT_CHUNK, DEVICE_CHOICES
+
+    parser.add_argument("--model", required=True, help="'tiny', 'full' or a model folder (transformers format)")
+    parser.add_argument("--dataset", required=True, type=Path, help="dataset folder (Roboflow COCO layout)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--out", required=True, type=Path, help="metrics file to write (json)")
+    parser.add_argument(
+        "--mode", choices=MODES, default="detection", help="segmentation adds masks and mask AP (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--predictions", type=Path, help=f"COCO results file to write (default: {PREDICTIONS_FILE} next to --out)"
+    )
+    parser.add_argument("--plots-dir", type=Path, help=f"write {PER_CATEGORY_PLOT} and {PR_CURVE_PLOT} here")
+    parser.add_argument("--baseline", help="also evaluate this model (e.g. before fine-tuning) and compare")
+    parser.add_argument(
+        "--gt-original",
+        type=Path,
+        help="score against this annotation file from before preprocessing (exact masks) instead of scaling the "
+        "split's annotations back to the original size",
+    )
+    parser.add_argument(
+        "--prompt-chunk",
+        type=int,
+        default=DEFAULT_PROMPT_CHUNK,
+        help="prompts per decoder call; lower it if memory runs out (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-dets",
+        type=int,
+        default=DEFAULT_MAX_DETS,
+        help="detections kept per image, across prompts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="images per vision-encoder call (default: %(default)s)"
+    )
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto (default): CUDA when available")
+    parser.add_argument("--image-size", type=int, help="model input size (default: the model's own)")
+
+
+def scale_to_original(coco: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a COCO dict with every preprocessed image (orig_width / orig_height) and its annotations moved
+    back to the original size: width/height become the original's, the orig keys go, and each annotation is
+    `scale_annotation(ann, orig_width / width, orig_height / height, orig_height, orig_width)`."""
+    out = copy.deepcopy(coco)
+    scales: dict[Any, tuple[float, float, int, int]] = {}
+    for image in out["images"]:
+        orig_w, orig_h = original_size(image)
+        if (orig_w, orig_h) != (int(image["width"]), int(image["height"])):
+            sx, sy = to_original_scale(image)
+            scales[image["id"]] = (sx, sy, orig_h, orig_w)
+        image.pop(ORIG_WIDTH, None)
+        image.pop(ORIG_HEIGHT, None)
+        image["width"], image["height"] = orig_w, orig_h
+    annotations = out.get("annotations", [])
+    out["annotations"] = [
+        scale_annotation(ann, *scales[ann["image_id"]]) if ann.get("image_id") in scales else ann
+        for ann in tqdm(annotations, desc="ground truth to original size", unit="ann", disable=not scales or None)
+    ]
+    if scales:
+        log.info("ground truth of %d of %d images scaled back to their original size", len(scales), len(out["images"]))
+    return out
+
+
+def check_original(original: dict[str, Any], split_gt: dict[str, Any], source: Path) -> None:
+    """DataError unless `original` has the split's image ids with its original sizes, and the same categories."""
+    by_id = {image.get("id"): image for image in original.get("images", [])}
+    for image in split_gt["images"]:
+        other = by_id.get(image["id"])
+        if other is None:
+            raise DataError(
+                f"{source}: image id {image['id']} ({image.get('file_name')}) of the split is missing; "
+                "--gt-original must be the same split before preprocessing"
+            )
+        expected = original_size(image)
+        if (other.get("width"), other.get("height")) != expected:
+            raise DataError(
+                f"{source}: image id {image['id']} is {other.get('width')}x{other.get('height')} but the split "
+                f"records its original size as {expected[0]}x{expected[1]}; --gt-original must be the file the "
+                "split was preprocessed from"
+            )
+    extra = len(by_id) - len(split_gt["images"])
+    if extra > 0:
+        raise DataError(f"{source}: {extra} images that the split does not have; give the same split's file")
+
+    def names(coco: dict[str, Any]) -> dict[Any, Any]:
+        return {c.get("id"): c.get("name") for c in coco.get("categories", [])}
+
+    if names(original) != names(split_gt):
+        raise DataError(f"{source}: categories differ from the split's; predictions use the split's category ids")
+
+
+def ground_truth(dataset_dir: Path, split: str, gt_original: Path | None = None) -> dict[str, Any]:
+    """The split's GT in original image coordinates (see the module docstring, step 2)."""
+    path = split_annotation_path(dataset_dir, split)
+    if not path.is_file():
+        raise DataError(f"{path}: split {split!r} not found; this dataset has {', '.join(present_splits(dataset_dir))}")
+    split_gt = load_coco(path)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(split_gt.get(key), list):
+            raise DataError(f"{path}: '{key}' must be a list (COCO format); run the validate stage")
+    if gt_original is None:
+        return scale_to_original(split_gt)
+    original = load_coco(gt_original)
+    check_original(original, split_gt, gt_original)
+    return original
+
+
+def score_predictions(gt: dict[str, Any], predictions: list[dict[str, Any]], with_masks: bool) -> dict[str, Any]:
+    """bbox metrics, plus segm metrics in segmentation mode; SA-Co metrics from masks there, from boxes otherwise."""
+    from sam3.evaluation import score
+
+    metrics = score(gt, predictions, "bbox")
+    if with_masks:
+        box_ap = {key: value for key, value in metrics.items() if key.startswith("bbox_")}
+        metrics = {**box_ap, **score(gt, predictions, "segm")}
+    metrics["num_images"] = len(gt["images"])
+    metrics["num_predictions"] = len(predictions)
+    return metrics
+
+
+def run_inference(detector: Any, dataset_dir: Path, split: str, options: EvalOptions) -> list[dict[str, Any]]:
+    from sam3.inference import predict_dataset
+
+    return predict_dataset(
+        detector,
+        dataset_dir,
+        split,
+        with_masks=options.with_masks,
+        prompt_chunk=options.prompt_chunk,
+        max_dets=options.max_dets,
+        batch_size=options.batch_size,
+        device=options.device,
+    )
+
+
+def _number(value: float | None, key: str) -> str:
+    return "n/a" if value is None else f"{value:.2f}" if key.startswith("cgF1") else f"{value:.3f}"
+
+
+def _change(after: float | None, before: float | None, key: str) -> str:
+    if after is None or before is None:
+        return "n/a"
+    return f"{after - before:+.2f}" if key.startswith("cgF1") else f"{after - before:+.3f}"
+
+
+def comparison_table(
+    metrics: dict[str, Any], baseline: dict[str, Any], model_name: str, baseline_name: str, title: str
+) -> str:
+    """Markdown: a heading `title`, then one row per TABLE_KEYS metric present: baseline, model, change."""
+    lines = [
+        f"## {title}",
+        "",
+        f"| metric | baseline: {baseline_name} | model: {model_name} | change |",
+        "|:--|--:|--:|--:|",
+    ]
+    for key in TABLE_KEYS:
+        if key in metrics:
+            after, before = metrics[key], baseline.get(key)
+            lines.append(f"| {key} | {_number(before, key)} | {_number(after, key)} | {_change(after, before, key)} |")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # what metrics.json holds
+    predictions_file: Path
+    report: str | None  # the before/after Markdown table, with a baseline
+
+
+def evaluate(
+    model: str,
+    dataset_dir: Path,
+    split: str,
+    out: Path,
+    options: EvalOptions,
+    predictions_file: Path | None = None,
+    plots_dir: Path | None = None,
+    baseline: str | None = None,
+    gt_original: Path | None = None,
+) -> EvalResult:
+    """Steps 1-5 of the module docstring; writes `out`, the predictions, the plot files and report.md."""
+    from sam3.evaluation import per_category_rows, pr_curve
+    from sam3.model import load_model
+
+    iou_type = "segm" if options.with_masks else "bbox"
+    gt = ground_truth(dataset_dir, split, gt_original)  # a missing split fails before any model loads
+    if options.with_masks:
+        check_masks(gt, gt_original or split_annotation_path(dataset_dir, split))
+    detector = load_model(model, image_size=options.image_size)
+    baseline_detector = load_model(baseline, image_size=options.image_size) if baseline else None
+
+    predictions = run_inference(detector, dataset_dir, split, options)
+    del detector  # frees its device memory before the baseline runs
+    predictions_file = predictions_file or out.parent / PREDICTIONS_FILE
+    write_json(predictions_file, predictions)
+    metrics = score_predictions(gt, predictions, options.with_masks)
+    if plots_dir is not None:
+        write_json(plots_dir / PER_CATEGORY_PLOT, per_category_rows(metrics))
+        write_json(plots_dir / PR_CURVE_PLOT, pr_curve(gt, predictions, iou_type))
+
+    report = None
+    if baseline_detector is not None:
+        baseline_predictions = run_inference(baseline_detector, dataset_dir, split, options)
+        metrics[BASELINE_KEY] = score_predictions(gt, baseline_predictions, options.with_masks)
+        title = f"{dataset_dir} ({split}): {baseline} before, {model} after"
+        report = comparison_table(metrics, metrics[BASELINE_KEY], model, baseline, title)
+        write_text(out.parent / REPORT_FILE, report)
+    write_json(out, metrics)
+    return EvalResult(metrics, predictions_file, report)
+
+
+def check_masks(gt: dict[str, Any], source: Path) -> None:
+    """DataError naming the first annotation without a mask: segmentation mode scores masks."""
+    for ann in gt["annotations"]:
+        if not ann.get("segmentation"):
+            raise DataError(
+                f"{source}: annotation {ann.get('id')} (image id {ann.get('image_id')}) has no segmentation, so mask "
+                "AP cannot be scored; use --mode detection or add masks"
+            )
+
+
+def run(args: argparse.Namespace) -> int:
+    options = EvalOptions(
+        with_masks=args.mode == "segmentation",
+        prompt_chunk=args.prompt_chunk,
+        max_dets=args.max_dets,
+        batch_size=args.batch_size,
+        device=args.device,
+        image_size=args.image_size,
+    )
+    result = evaluate(
+        args.model,
+        args.dataset,
+        args.split,
+        args.out,
+        options,
+        predictions_file=args.predictions,
+        plots_dir=args.plots_dir,
+        baseline=args.baseline,
+        gt_original=args.gt_original,
+    )
+    iou_type = "segm" if options.with_masks else "bbox"
+    print(summary_line(result.metrics, iou_type))
+    if result.report is not None:
+        print(f"baseline: {summary_line(result.metrics[BASELINE_KEY], iou_type)}")
+        print(result.report, end="")
+    print(f"wrote {args.out} and {result.predictions_file}")
+    return 0
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file, creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
