@@ -35,3 +35,6 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sam3 pipeline tests bench
 	$(VENV)/bin/ruff format --check sam3 pipeline tests bench
+
+# Prefect server and deployments (make prefect-up / prefect-down)
+-include make/prefect.mk
