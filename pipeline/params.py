@@ -188,6 +188,12 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
         return None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; accept any number Python can read
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{where} = {value!r}: expected an integer")
     if not isinstance(value, hint):

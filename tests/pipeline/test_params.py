@@ -21,6 +21,11 @@ def test_defaults_without_file():
     assert load_params(None) == Params()
 
 
+def test_exponent_without_dot_is_a_float():
+    # YAML 1.1 parses 1e-3 as the string "1e-3"; for a float key it is still a number
+    assert load_params(None, ["optim.lr_detr=1e-3"]).optim.lr_detr == 1e-3
+
+
 def test_override_sets_typed_value(tmp_path):
     params = load_params(None, ["preprocess.size=512", "model.mode=segmentation", "model.image_size=224"])
     assert params.preprocess.size == 512
