@@ -3,7 +3,7 @@
     for each micro-batch (gradient accumulation):
         outputs = model(batch)                          # under bf16/fp16 autocast on CUDA, fp32 on CPU
         losses  = criterion(outputs, targets, normalisers of the WHOLE accumulated batch)
-        stop here if losses["loss"] is not finite      # nothing is stepped; the caller decides (guard)
+        stop here if losses["loss"] is not finite      # on any rank; nothing is stepped; the caller decides (guard)
         backward(losses["loss"])                        # DDP all-reduces only on the last micro-batch
     unscale (fp16 only), clip the global gradient L2 norm, optimizer.step()
 
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sam3.batch import PromptBatch
@@ -69,7 +70,7 @@ def train_step(
                 outputs = model(batch, with_masks=with_masks)
             losses = criterion(outputs, batch.targets, num_boxes=num_boxes, num_queries=num_queries)
             loss = losses["loss"]
-            if not torch.isfinite(loss):  # a host sync, but a NaN must never reach the weights
+            if not _finite_on_every_rank(loss):  # a host sync, but a NaN must never reach the weights
                 optimizer.zero_grad(set_to_none=True)
                 return StepResult(loss.detach(), _detached(losses), None, finite=False)
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -86,6 +87,18 @@ def train_step(
     else:
         optimizer.step()
     return StepResult(total, terms, grad_norm.detach(), finite=True)
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether `loss` is finite here and on every other rank (one scalar all_reduce under torch.distributed).
+
+    Every rank must take the same branch: a rank that skipped backward alone would leave the others waiting in
+    DDP's gradient all-reduce, and the next collective of each side would pair with the wrong one.
+    """
+    finite = torch.isfinite(loss.detach()).to(torch.float32)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def _detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

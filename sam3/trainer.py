@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +132,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The global torch seed of optimiser step `step` on `rank`: (seed, rank, step) hashed by numpy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
+
+
 def train(job: TrainJob) -> Path:
     """Fine-tune as `job` says; return the exported model folder (transformers format)."""
     loop = job.loop
@@ -207,75 +212,89 @@ def train(job: TrainJob) -> Path:
     logs = _Logs(run_dir, dist_info)
     progress = _progress(total_steps, state.step, dist_info)
     started, images_seen = time.perf_counter(), 0
-    while state.step < total_steps:
-        epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start=step_in_epoch * loop.accumulation * loop.batch_size)
-        loader = DataLoader(
-            train_set,
-            batch_size=loop.batch_size,
-            sampler=sampler,
-            collate_fn=collate_prompts,
-            num_workers=loop.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        micro: list = []
-        rolled_back = False
-        for batch in loader:
-            micro.append(batch)
-            if len(micro) < loop.accumulation:
-                continue
-            set_lr(optimizer, state.step, total_steps, job.optim, scale=guard.lr_multiplier)
-            result = train_step(
-                model,
-                criterion,
-                optimizer,
-                micro,
-                device=device,
-                with_masks=job.with_masks,
-                amp_dtype=amp_dtype,
-                grad_clip=loop.grad_clip,
-                scaler=scaler,
+    try:  # close the bar and the logs on any exit, so an error message starts on a line of its own
+        while state.step < total_steps:
+            epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
+            dataset.set_epoch(epoch)
+            sampler.set_epoch(epoch, start=step_in_epoch * loop.accumulation * loop.batch_size)
+            loader = DataLoader(
+                train_set,
+                batch_size=loop.batch_size,
+                sampler=sampler,
+                collate_fn=collate_prompts,
+                num_workers=loop.num_workers,
+                pin_memory=device.type == "cuda",
             )
-            images_seen += sum(len(b.image_ids) for b in micro) * dist_info.world_size
-            micro = []
-            reason = guard.check(_global_mean(result.loss, dist_info), step=state.step)
-            if reason is not None:
-                multiplier = guard.register_rollback()  # raises DivergenceError past the limit
-                back = latest_checkpoint(ckpt_dir)
-                logger.warning("step %d: %s; rolling back to %s, lr x %.3g", state.step, reason, back.name, multiplier)
-                logs.event({"step": state.step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
-                # the guard's own state (rollback count) is NOT restored from the checkpoint
-                state, _, _ = load_checkpoint(back, detector.model, optimizer, scaler)
-                rolled_back = True
-                break
-            epoch_step = state.step + 1 - epoch * steps_per_epoch
-            state = TrainState(step=state.step + 1, epoch=epoch, epoch_step=epoch_step, best_metric=state.best_metric)
-            progress.update(1)
-            if state.step % loop.log_every == 0 or state.step == total_steps:
-                logs.step(state.step, result, optimizer, images_seen / (time.perf_counter() - started), device)
-            end_of_epoch = epoch_step == steps_per_epoch
-            if state.step % loop.checkpoint_every == 0 or state.step == total_steps or end_of_epoch:
-                _save(ckpt_dir, state, detector, optimizer, scaler, guard, job, dist_info)
-                if end_of_epoch and epoch + 1 in loop.checkpoint_epochs:
-                    _save(
-                        ckpt_dir,
-                        state,
-                        detector,
-                        optimizer,
-                        scaler,
-                        guard,
-                        job,
-                        dist_info,
-                        epoch_checkpoint_name(epoch + 1),
+            micro: list = []
+            rolled_back = False
+            for batch in loader:
+                micro.append(batch)
+                if len(micro) < loop.accumulation:
+                    continue
+                set_lr(optimizer, state.step, total_steps, job.optim, scale=guard.lr_multiplier)
+                # Dropout draws from the global RNG, which a new DataLoader iterator also consumes (its base seed): a
+                # run resumed mid-epoch would draw other masks. Seeding it per (seed, rank, step) makes every step's
+                # masks independent of where the run (re)started, on every rank.
+                torch.manual_seed(step_seed(loop.seed, dist_info.rank, state.step))
+                result = train_step(
+                    model,
+                    criterion,
+                    optimizer,
+                    micro,
+                    device=device,
+                    with_masks=job.with_masks,
+                    amp_dtype=amp_dtype,
+                    grad_clip=loop.grad_clip,
+                    scaler=scaler,
+                )
+                images_seen += sum(len(b.image_ids) for b in micro) * dist_info.world_size
+                micro = []
+                reason = guard.check(_global_mean(result.loss, dist_info), step=state.step)
+                if reason is not None:
+                    multiplier = guard.register_rollback()  # raises DivergenceError past the limit
+                    back = latest_checkpoint(ckpt_dir)
+                    logger.warning(
+                        "step %d: %s; rolling back to %s, lr x %.3g", state.step, reason, back.name, multiplier
                     )
-                barrier()  # a rollback on any rank must find this file complete
-            if state.step >= total_steps or end_of_epoch:
-                break
-        if not rolled_back and micro:
-            logger.info("epoch %d: %d trailing micro-batches left out of the last step", epoch, len(micro))
-    progress.close()
-    logs.close()
+                    logs.event({"step": state.step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
+                    # the guard's own state (rollback count) is NOT restored from the checkpoint
+                    state, _, _ = load_checkpoint(back, detector.model, optimizer, scaler)
+                    progress.n = state.step  # the bar goes back with the run
+                    progress.refresh()
+                    rolled_back = True
+                    break
+                epoch_step = state.step + 1 - epoch * steps_per_epoch
+                state = TrainState(
+                    step=state.step + 1, epoch=epoch, epoch_step=epoch_step, best_metric=state.best_metric
+                )
+                progress.update(1)
+                if state.step % loop.log_every == 0 or state.step == total_steps:
+                    # every rank joins the all_reduce of the terms; rank 0 writes them
+                    result = replace(result, terms=_global_means(result.terms, dist_info))
+                    logs.step(state.step, result, optimizer, images_seen / (time.perf_counter() - started), device)
+                end_of_epoch = epoch_step == steps_per_epoch
+                if state.step % loop.checkpoint_every == 0 or state.step == total_steps or end_of_epoch:
+                    _save(ckpt_dir, state, detector, optimizer, scaler, guard, job, dist_info)
+                    if end_of_epoch and epoch + 1 in loop.checkpoint_epochs:
+                        _save(
+                            ckpt_dir,
+                            state,
+                            detector,
+                            optimizer,
+                            scaler,
+                            guard,
+                            job,
+                            dist_info,
+                            epoch_checkpoint_name(epoch + 1),
+                        )
+                    barrier()  # a rollback on any rank must find this file complete
+                if state.step >= total_steps or end_of_epoch:
+                    break
+            if not rolled_back and micro:
+                logger.info("epoch %d: %d trailing micro-batches left out of the last step", epoch, len(micro))
+    finally:
+        progress.close()
+        logs.close()
     export_dir = run_dir / "model"
     if dist_info.is_main:
         detector.save_pretrained(export_dir)
@@ -310,6 +329,19 @@ def _global_mean(value: torch.Tensor, dist_info: DistInfo) -> float:
         torch.distributed.all_reduce(value)
         value /= dist_info.world_size
     return float(value)
+
+
+def _global_means(terms: dict[str, torch.Tensor], dist_info: DistInfo) -> dict[str, torch.Tensor]:
+    """Each loss term averaged over ranks (one all_reduce), i.e. the term of the whole global batch.
+
+    A rank's term is its share S_r / N of the global sum (N: the normaliser averaged over ranks, `sam3.losses`), so
+    the global batch's term S / (W N) is the mean of the ranks' terms; rank 0's own term is not it.
+    """
+    if not dist_info.enabled:
+        return terms
+    stacked = torch.stack([value.detach().float() for value in terms.values()])
+    torch.distributed.all_reduce(stacked)
+    return dict(zip(terms, stacked / dist_info.world_size, strict=True))
 
 
 def _subset(size: int, subset_images: int | None, seed: int) -> list[int] | None:

@@ -1,0 +1,165 @@
+"""`python -m pipeline train`: dry run, parameter errors, the run folder, divergence exit, resume after SIGKILL.
+
+The CLI runs in this process (`pipeline.cli.main`) except the run that is killed, which must be a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.cli import main
+from pipeline.params import load_params, to_dict
+from sam3.checkpoint import latest_checkpoint, step_checkpoint_name
+from tests.training_runs import IMAGE_SIZE, build_small_shapes, read_weights
+
+REPO = Path(__file__).resolve().parents[2]
+PARAMS = REPO / "params.yaml"
+# Test-sized runs: small images, a few steps, lr 1e-3 without warm-up so every step moves the weights visibly.
+SMALL = [
+    f"model.image_size={IMAGE_SIZE}",
+    "train.batch_size=2",
+    "train.log_every=1",
+    "optim.lr_detr=1.0e-3",
+    "optim.lr_vision=1.0e-3",
+    "optim.lr_text=1.0e-3",
+    "optim.warmup=0",
+]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return build_small_shapes(tmp_path_factory.mktemp("shapes"))
+
+
+def _args(run_dir: Path, dataset: Path, *overrides: str) -> list[str]:
+    sets = [arg for item in (*SMALL, *overrides) for arg in ("--set", item)]
+    return ["train", "--params", str(PARAMS), "--run-dir", str(run_dir), "--dataset", str(dataset), *sets]
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_dry_run_prints_the_resolved_params_and_trains_nothing(shapes, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main([*_args(run_dir, shapes, "train.max_steps=7", "train.freeze=heads"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)  # the closing "# params OK ..." line is a YAML comment
+    expected = to_dict(load_params(PARAMS, [*SMALL, "train.max_steps=7", "train.freeze=heads"]))
+    assert printed == json.loads(json.dumps(expected))  # tuples (optim.betas) print as lists
+    assert printed["train"]["max_steps"] == 7 and printed["train"]["freeze"] == "heads"
+    assert printed["model"]["image_size"] == IMAGE_SIZE
+    assert out.rstrip().splitlines()[-1] == f"# params OK; dataset {shapes}; run dir {run_dir}"
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_step=5", "unknown key train.max_step; did you mean train.max_steps?"),
+        ("trian.seed=1", "unknown key trian; did you mean train?"),
+        ("train.freeze=decoder", "train.freeze must be one of none, vision, vision_text, heads"),
+        ("train.batch_size=two", "train.batch_size = 'two': expected int"),
+    ],
+)
+def test_parameter_mistakes_exit_2_with_one_line_naming_the_key(shapes, tmp_path, capsys, override, message):
+    assert main([*_args(tmp_path / "run", shapes, override), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_with_a_missing_dataset_exits_2_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main([*_args(tmp_path / "run", missing), "--dry-run"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and str(missing) in line
+
+
+def test_run_folder_holds_checkpoints_model_tensorboard_stats_and_params(shapes, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(run_dir, shapes, "train.max_steps=2")) == 0
+    assert f"fine-tuned model: {run_dir / 'model'}" in capsys.readouterr().out
+
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints",
+        "model",
+        "params.yaml",
+        "tensorboard",
+        "train_stats.jsonl",
+    ]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [step_checkpoint_name(s) for s in (0, 2)]
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (run_dir / "model").iterdir()}
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (run_dir / "train_stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in records)
+    written = yaml.safe_load((run_dir / "params.yaml").read_text())
+    assert written == json.loads(json.dumps(to_dict(load_params(PARAMS, [*SMALL, "train.max_steps=2"]))))
+
+
+def test_a_run_that_keeps_diverging_exits_2_with_one_line(shapes, tmp_path, capsys):
+    # a learning rate far too high: after one step the weights are ~1e30 and the loss is NaN, every time
+    huge = ["optim.lr_detr=1.0e+30", "optim.lr_vision=1.0e+30", "optim.lr_text=1.0e+30", "guard.max_rollbacks=1"]
+    assert main(_args(tmp_path, shapes, "train.max_steps=4", *huge)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = _error_lines(err)
+    assert line.startswith("error: training diverged again after 1 rollback(s)")
+    assert line.endswith("or allow more rollbacks.")  # the whole message on that one line
+    events = [json.loads(line) for line in (tmp_path / "train_stats.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"], e["lr_multiplier"]) for e in events if "event" in e] == [("rollback", 1, 0.5)]
+    assert not (tmp_path / "model").exists()
+
+
+def _steps_on_disk(folder: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.pt")) if folder.is_dir() else []
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_ends_with_the_weights_of_an_uninterrupted_run(shapes, tmp_path, caplog):
+    # 6 steps: epoch 0 (4 steps) and half of epoch 1; a checkpoint every 2 steps and at the end of epoch 0, so the
+    # kill lands after step 2 (mid-epoch: the resumed sampler must skip 4 images) or 4
+    settings = ("train.max_steps=6", "train.checkpoint_every=2")
+    killed_dir = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *_args(killed_dir, shapes, *settings)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 300
+        try:
+            while max(_steps_on_disk(killed_dir / "checkpoints"), default=0) == 0:
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint after step 0 within 300 s"
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()  # no-op after the SIGKILL; stops the run if an assertion fired first
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = int(latest_checkpoint(killed_dir / "checkpoints").stem.split("_")[1])
+    assert 0 < killed_at < 6 and not (killed_dir / "model").exists()
+
+    caplog.set_level("INFO", logger="sam3.trainer")
+    assert main(_args(killed_dir, shapes, *settings)) == 0  # the same command again
+    assert f"at step {killed_at}" in caplog.text and "resumed from" in caplog.text
+    assert main(_args(tmp_path / "straight", shapes, *settings)) == 0
+
+    resumed, straight = read_weights(killed_dir / "model"), read_weights(tmp_path / "straight" / "model")
+    assert resumed.keys() == straight.keys()
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name

@@ -1,0 +1,290 @@
+"""`sam3.trainer.train` end to end on the tiny model and a generated shapes dataset (CPU, fp32).
+
+- batch 4 x accumulation 1 == batch 2 x accumulation 2: same logged losses, same exported weights
+- a run resumed from a mid-epoch checkpoint ends with bitwise the weights of the uninterrupted run (dropout on)
+- the export: `Sam3Model.from_pretrained(run_dir/model)` and `load_model` hold bitwise the in-memory weights and give
+  its outputs (bitwise once the loaded tensors sit in freshly allocated memory); every checkpoint loads with
+  weights_only=True
+- each freeze mode: counts logged, frozen parameters without gradient, optimiser state or change
+- a NaN loss at one step: rollback event logged, lr multiplied, training finishes
+- (slow) 2 gloo processes at batch 2 == 1 process at batch 4, and both ranks hold the same weights
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.elastic.utils.distributed import get_free_port
+from transformers import Sam3Model
+
+import sam3.trainer as trainer
+from sam3.checkpoint import step_checkpoint_name
+from sam3.data import CocoPromptDataset, collate_prompts
+from sam3.freeze import FREEZE_MODES
+from sam3.model import Sam3Detector, load_model, parameters_without_text_gradients
+from tests.training_runs import (
+    IMAGE_SIZE,
+    TEST_OPTIM,
+    NanOnCall,
+    build_small_shapes,
+    ddp_train_worker,
+    make_job,
+    read_weights,
+    save_dropout_free_tiny,
+)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return build_small_shapes(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tmp_path_factory) -> Path:
+    return save_dropout_free_tiny(tmp_path_factory.mktemp("init"))
+
+
+def _train_keeping_model(job, monkeypatch: pytest.MonkeyPatch) -> Sam3Detector:
+    """Run `train(job)` and return the trainer's own in-memory model (the real `load_model`, wrapped to keep it)."""
+    built = []
+
+    def keep(*args, **kwargs):
+        built.append(load_model(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(trainer, "load_model", keep)
+    trainer.train(job)
+    return built[0]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "train_stats.jsonl").read_text().splitlines()]
+
+
+def _step_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference_run(shapes, tmp_path_factory):
+    """6 steps of the default tiny model (dropout on), checkpoints at steps 0, 3 (mid-epoch), 4 (epoch end), 6."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    job = make_job(run_dir, shapes, max_steps=6, checkpoint_every=3)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        detector = _train_keeping_model(job, monkeypatch)
+    return run_dir, detector.eval()
+
+
+@pytest.fixture(scope="module")
+def batch4_run(shapes, no_dropout_model, tmp_path_factory) -> Path:
+    """3 steps at batch 4 of the dropout-free tiny model: the reference of the accumulation and DDP tests."""
+    run_dir = tmp_path_factory.mktemp("batch4")
+    trainer.train(make_job(run_dir, shapes, no_dropout_model, batch_size=4, accumulation=1))
+    return run_dir
+
+
+def _assert_same_training(run_dir: Path, reference_dir: Path, initial_dir: Path) -> None:
+    """Same logged losses (rel 1e-5) and same exported weights as the reference run, which moved its weights."""
+    losses, reference_losses = _step_losses(run_dir), _step_losses(reference_dir)
+    assert list(losses) == list(reference_losses) == [1, 2, 3]
+    for step, loss in reference_losses.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    weights, reference, initial = (read_weights(d) for d in (run_dir / "model", reference_dir / "model", initial_dir))
+    assert max(float((reference[k] - initial[k]).abs().max()) for k in reference) > 1e-3  # the weights moved
+    # atol: see test_engine (parameters with an exact gradient of 0 get AdamW-scaled round-off)
+    for name, value in reference.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_trainer_accumulation_2_x_2_equals_batch_4(batch4_run, shapes, no_dropout_model, tmp_path):
+    trainer.train(make_job(tmp_path, shapes, no_dropout_model, batch_size=2, accumulation=2))
+    _assert_same_training(tmp_path, batch4_run, no_dropout_model)
+
+
+def test_resume_from_a_mid_epoch_checkpoint_gives_bitwise_identical_weights(reference_run, shapes, tmp_path):
+    reference_dir, _ = reference_run
+    checkpoints = sorted(p.name for p in (reference_dir / "checkpoints").glob("step_*.pt"))
+    assert checkpoints == [step_checkpoint_name(s) for s in (0, 3, 4, 6)]
+    # a run that stopped after step 3, in the middle of epoch 0 (its 4th batch not yet seen)
+    (tmp_path / "checkpoints").mkdir()
+    for step in (0, 3):
+        shutil.copy(reference_dir / "checkpoints" / step_checkpoint_name(step), tmp_path / "checkpoints")
+
+    trainer.train(make_job(tmp_path, shapes, max_steps=6, checkpoint_every=3))
+
+    assert list(_step_losses(tmp_path)) == [4, 5, 6]  # resumed at step 3: nothing done twice
+    reference_losses = _step_losses(reference_dir)
+    for step, loss in _step_losses(tmp_path).items():
+        assert loss == reference_losses[step], step  # same batches, same dropout masks, same weights
+    resumed, reference = read_weights(tmp_path / "model"), read_weights(reference_dir / "model")
+    assert resumed.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+
+
+def _outputs_equal(ours: dict, theirs: dict, exact: bool) -> None:
+    for key, value in ours.items():
+        if exact:
+            assert torch.equal(theirs[key], value), key
+        else:
+            torch.testing.assert_close(theirs[key], value, msg=key)  # float32 defaults: rtol 1.3e-6, atol 1e-5
+
+
+def _realign(model: torch.nn.Module) -> None:
+    """Copy every parameter into fresh memory. Weights read from safetensors can sit at addresses that are not
+    64-byte aligned (measured: offsets 16, 32, 36, ...), which sends the CPU BLAS down another kernel path whose
+    rounding differs by an ulp; freshly allocated tensors are aligned like the trained ones."""
+    for param in model.parameters():
+        param.data = param.data.clone()
+
+
+def test_export_loads_with_transformers_and_gives_identical_outputs(reference_run, shapes):
+    run_dir, trained = reference_run
+    dataset = CocoPromptDataset(shapes, "valid", image_size=IMAGE_SIZE, train=False)
+    batch = collate_prompts([dataset[0]])
+
+    exported = Sam3Model.from_pretrained(run_dir / "model").eval()
+    trained_state = trained.model.state_dict()
+    assert exported.state_dict().keys() == trained_state.keys()
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, trained_state[name]), name
+    # transformers' own forward on one (image, prompt) pair
+    inputs = {
+        "pixel_values": batch.pixel_values,
+        "input_ids": batch.input_ids[:1],
+        "attention_mask": batch.attention_mask[:1],
+    }
+    keys = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits")
+    with torch.no_grad():
+        ours = {key: getattr(trained.model(**inputs), key) for key in keys}
+        _outputs_equal(ours, {key: getattr(exported(**inputs), key) for key in keys}, exact=False)
+        _realign(exported)
+        _outputs_equal(ours, {key: getattr(exported(**inputs), key) for key in keys}, exact=True)
+
+    # our adapter over the folder: every decoder layer, every query, masks included
+    loaded = load_model(run_dir / "model")
+    _realign(loaded)
+    with torch.no_grad():
+        ours, theirs = trained(batch, with_masks=True), loaded(batch, with_masks=True)
+    assert len(ours["aux_outputs"]) == len(theirs["aux_outputs"]) == 1
+    _outputs_equal(ours["aux_outputs"][0], theirs["aux_outputs"][0], exact=True)
+    _outputs_equal({k: v for k, v in ours.items() if k != "aux_outputs"}, theirs, exact=True)
+
+
+def test_every_checkpoint_loads_weights_only_and_the_last_holds_the_exported_weights(reference_run):
+    run_dir, _ = reference_run
+    files = sorted((run_dir / "checkpoints").glob("*.pt"))
+    assert files
+    for path in files:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        assert payload["train_state"]["step"] == int(path.stem.split("_")[1])
+        assert payload["params"] == {"test": True}
+    last = torch.load(files[-1], map_location="cpu", weights_only=True)
+    exported = read_weights(run_dir / "model")
+    assert last["train_state"]["step"] == 6
+    for name, value in exported.items():
+        assert torch.equal(last["model"][name], value), name
+
+
+# What each mode freezes, by name prefix (sam3.freeze docs), on top of the parameters text prompts never reach.
+FROZEN_PREFIXES = {
+    "none": (),
+    "vision": ("vision_encoder.",),
+    "vision_text": ("vision_encoder.", "text_encoder.", "text_projection."),
+    "heads": ("vision_encoder.", "text_encoder.", "text_projection.", "detr_encoder.", "geometry_encoder."),
+}
+
+
+@pytest.mark.parametrize("mode", FREEZE_MODES)
+def test_freeze_mode_trains_only_its_parts(mode, shapes, tmp_path, monkeypatch, caplog):
+    assert set(FREEZE_MODES) == set(FROZEN_PREFIXES)
+    initial = load_model("tiny", image_size=IMAGE_SIZE).model
+    never_reached = set(parameters_without_text_gradients(initial, with_masks=False))
+    frozen = {n for n, _ in initial.named_parameters() if n.startswith(FROZEN_PREFIXES[mode]) or n in never_reached}
+    trainable = {n for n, _ in initial.named_parameters()} - frozen
+    frozen_count = sum(p.numel() for n, p in initial.named_parameters() if n in frozen)
+    trainable_count = sum(p.numel() for n, p in initial.named_parameters() if n in trainable)
+
+    caplog.set_level("INFO", logger="sam3.trainer")
+    detector = _train_keeping_model(make_job(tmp_path, shapes, max_steps=1, freeze=mode), monkeypatch)
+
+    assert f"parameters: {trainable_count:,} trainable, {frozen_count:,} frozen (freeze={mode}," in caplog.text
+    for name, param in detector.model.named_parameters():
+        assert param.requires_grad == (name in trainable), name
+        # autograd kept no gradient for a frozen parameter; a trainable one holds the last step's
+        assert (param.grad is None) == (name in frozen), name
+    # the optimiser holds exactly the trainable parameters, each with AdamW state after its step
+    optimizer_state = torch.load(tmp_path / "checkpoints" / step_checkpoint_name(1), weights_only=True)["optimizer"]
+    in_optimizer = [name for group in optimizer_state["param_groups"] for name in group["names"]]
+    assert sorted(in_optimizer) == sorted(trainable)
+    assert len(optimizer_state["state"]) == len(trainable)
+    assert all(int(s["step"]) == 1 for s in optimizer_state["state"].values())
+    # frozen weights unchanged, trainable ones moved
+    before, after = initial.state_dict(), read_weights(tmp_path / "model")
+    for name in frozen:
+        assert torch.equal(after[name], before[name]), name
+    changed = [name for name in trainable if not torch.equal(after[name], before[name])]
+    assert len(changed) == len(trainable)
+
+
+def _lr(step: int, multiplier: float = 1.0) -> float:
+    """TEST_OPTIM's lr at optimiser step s: warm-up and cool-down off, so 1e-3 * sqrt(20 / (s + 20)) for s > 0."""
+    assert TEST_OPTIM.warmup == 0 and TEST_OPTIM.cooldown == 0 and TEST_OPTIM.timescale == 20
+    return multiplier * 1e-3 * (math.sqrt(20 / (step + 20)) if step > 0 else 1.0)
+
+
+def test_nan_loss_rolls_back_to_the_last_checkpoint_lowers_the_lr_and_finishes(shapes, tmp_path, monkeypatch):
+    # call 4 is optimiser step index 3 (the 4th step); the newest checkpoint then is step 2
+    monkeypatch.setattr(trainer, "Criterion", lambda **kwargs: NanOnCall(bad_calls=(4,), **kwargs))
+    trainer.train(make_job(tmp_path, shapes, max_steps=4, checkpoint_every=2))
+
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 3, 3, 4]
+    first_3, event, replayed_3 = records[2:5]
+    assert event["event"] == "rollback" and event["lr_multiplier"] == 0.5
+    assert event["reason"] == "non-finite loss nan at step 3"
+    # the replayed step starts from the step-2 weights again: same batch, same dropout, same loss, half the lr
+    assert replayed_3["loss"] == first_3["loss"]
+    # the lr logged with step record k is the one of optimiser step k - 1
+    assert first_3["lr/detr"] == pytest.approx(_lr(2))  # 1e-3 * sqrt(20/22) = 9.5346e-4
+    assert replayed_3["lr/detr"] == pytest.approx(_lr(2, 0.5))  # 4.7673e-4
+    assert records[-1]["lr/detr"] == pytest.approx(_lr(3, 0.5))  # 0.5e-3 * sqrt(20/23) = 4.6625e-4
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    # finished and exported; the guard's count rides in the last checkpoint
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    final = torch.load(tmp_path / "checkpoints" / step_checkpoint_name(4), weights_only=True)
+    assert final["train_state"]["guard"]["rollbacks"] == 1
+
+
+def test_nan_after_the_rollback_budget_raises_divergence_error(shapes, tmp_path, monkeypatch):
+    from sam3.guard import DivergenceError
+
+    monkeypatch.setattr(trainer, "Criterion", lambda **kwargs: NanOnCall(bad_calls=None, **kwargs))
+    job = make_job(tmp_path, shapes, max_steps=4, guard=trainer.GuardConfig(max_rollbacks=2))
+    with pytest.raises(DivergenceError, match=r"diverged again after 2 rollback\(s\)"):
+        trainer.train(job)
+    events = [r for r in _records(tmp_path) if r.get("event") == "rollback"]
+    assert [e["lr_multiplier"] for e in events] == [0.5, 0.25]
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_at_batch_2_equal_one_process_at_batch_4(batch4_run, shapes, no_dropout_model, tmp_path):
+    two_job = make_job(tmp_path / "run", shapes, no_dropout_model, batch_size=2)
+    mp.spawn(ddp_train_worker, args=(2, get_free_port(), two_job, str(tmp_path)), nprocs=2, join=True)
+
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for name, value in rank0.items():
+        assert torch.equal(rank1[name], value), name  # DDP kept the ranks identical
+    exported = read_weights(tmp_path / "run" / "model")  # written by rank 0
+    assert exported.keys() == rank0.keys()
+    for name, value in exported.items():
+        assert torch.equal(rank0[name], value), name
+    # rank 0 logs the all-reduced mean loss: the single process's loss of the same 4 images
+    _assert_same_training(tmp_path / "run", batch4_run, no_dropout_model)
