@@ -199,6 +199,13 @@ def train(job: TrainJob) -> Path:
 
     state = TrainState()
     resume_from = latest_checkpoint(ckpt_dir)
+    if resume_from is not None and _params_changed(resume_from, job.params):
+        # a run folder holds one run: checkpoints of other params are set aside, never resumed (a DVC re-run
+        # after a param change must train anew)
+        if dist_info.is_main:
+            _set_aside(ckpt_dir, resume_from)
+        barrier()
+        resume_from = None
     if resume_from is not None:
         state, _, _ = load_checkpoint(resume_from, detector.model, optimizer, scaler)
         guard.load_state_dict(state.guard)
@@ -320,6 +327,45 @@ def _wrap_ddp(detector: torch.nn.Module, ddp: DDPConfig, dist_info: DistInfo) ->
     elif ddp.gradient_compression == "bf16":
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     return model
+
+
+# params that do not change what a run computes: a checkpoint made with other values of these is still resumed
+_RESUME_SECTIONS = ("model", "train", "optim", "loss")
+_RESUME_IGNORED = {"train.log_every", "train.checkpoint_every", "train.keep_last", "train.checkpoint_epochs"}
+
+
+def changed_params(stored: dict, current: dict) -> list[str]:
+    """Keys of the sections that define a run whose values differ, as 'section.key: old -> new'."""
+    changes = []
+    for section in _RESUME_SECTIONS:
+        old, new = stored.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            name = f"{section}.{key}"
+            if name not in _RESUME_IGNORED and old.get(key) != new.get(key):
+                changes.append(f"{name}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def _params_changed(checkpoint: Path, params: dict) -> bool:
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("params") or {}
+    if not stored or not params:
+        return False
+    changes = changed_params(stored, params)
+    if changes:
+        logger.warning(
+            "%s was made with other params (%s); starting a new run instead of resuming",
+            checkpoint,
+            "; ".join(changes),
+        )
+    return bool(changes)
+
+
+def _set_aside(ckpt_dir: Path, newest: Path) -> None:
+    """Keep the newest checkpoint of the previous run as superseded.pt; remove its other step files."""
+    newest.replace(ckpt_dir / "superseded.pt")
+    for old in ckpt_dir.glob("step_*.pt"):
+        old.unlink()
+    logger.warning("previous run's newest checkpoint kept as %s", ckpt_dir / "superseded.pt")
 
 
 def _global_mean(value: torch.Tensor, dist_info: DistInfo) -> float:

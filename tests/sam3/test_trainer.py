@@ -288,3 +288,31 @@ def test_two_gloo_processes_at_batch_2_equal_one_process_at_batch_4(batch4_run, 
         assert torch.equal(rank0[name], value), name
     # rank 0 logs the all-reduced mean loss: the single process's loss of the same 4 images
     _assert_same_training(tmp_path / "run", batch4_run, no_dropout_model)
+
+
+def test_changed_params_lists_only_run_defining_keys():
+    from sam3.trainer import changed_params
+
+    stored = {"train": {"max_steps": 40, "log_every": 10}, "optim": {"lr_detr": 8e-5}, "launcher": {"nodes": 1}}
+    current = {"train": {"max_steps": 80, "log_every": 5}, "optim": {"lr_detr": 8e-5}, "launcher": {"nodes": 2}}
+    # log_every is bookkeeping and launcher does not change the result: only max_steps counts
+    assert changed_params(stored, current) == ["train.max_steps: 40 -> 80"]
+    assert changed_params(stored, stored) == []
+
+
+def test_rerun_with_other_params_starts_anew_and_sets_old_checkpoints_aside(shapes, tmp_path):
+    """A DVC re-run after a param change must not resume the old run: 2 steps, then max_steps 3 -> a fresh run."""
+    from dataclasses import asdict
+
+    first = make_job(tmp_path, shapes, max_steps=2, checkpoint_every=1)
+    first.params = {"train": asdict(first.loop)}
+    trainer.train(first)
+    second = make_job(tmp_path, shapes, max_steps=3, checkpoint_every=1)
+    second.params = {"train": asdict(second.loop)}
+    trainer.train(second)
+    steps = [r["step"] for r in _records(tmp_path) if "loss" in r]
+    assert steps == [1, 2, 1, 2, 3]  # the second run logged from step 1 again, it did not resume at 2
+    assert (tmp_path / "checkpoints" / "superseded.pt").is_file()
+    # same params: a third call resumes at 3 = max_steps and trains nothing more
+    trainer.train(second)
+    assert [r["step"] for r in _records(tmp_path) if "loss" in r] == steps
