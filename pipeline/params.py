@@ -17,9 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sam3.config import DDPConfig, GuardConfig, LoopConfig, LossConfig, OptimConfig
 from sam3.errors import ConfigError
-from sam3.optim import OptimConfig
-from sam3.trainer import DDPConfig, GuardConfig, LoopConfig, LossConfig
 
 
 @dataclass

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_job(params: Params, run_dir: Path, dataset: str, negatives: str | None):
     """The plain-valued `TrainJob` the library trains from."""
-    from sam3.trainer import TrainJob
+    from sam3.config import TrainJob
 
     return TrainJob(
         run_dir=str(run_dir),
@@ -57,13 +57,13 @@ def build_job(params: Params, run_dir: Path, dataset: str, negatives: str | None
 
 def check_params(params: Params) -> None:
     """Value checks that types alone cannot express; ConfigError names the key."""
+    from sam3.config import AMP_CHOICES
     from sam3.errors import ConfigError
     from sam3.freeze import FREEZE_MODES
-    from sam3.trainer import AMP_DTYPES
 
     checks = [
         (params.train.freeze in FREEZE_MODES, f"train.freeze must be one of {', '.join(FREEZE_MODES)}"),
-        (params.train.amp_dtype in AMP_DTYPES, f"train.amp_dtype must be one of {', '.join(AMP_DTYPES)}"),
+        (params.train.amp_dtype in AMP_CHOICES, f"train.amp_dtype must be one of {', '.join(AMP_CHOICES)}"),
         (params.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (params.train.accumulation >= 1, "train.accumulation must be >= 1"),
         (params.train.epochs >= 1 or params.train.max_steps, "train.epochs must be >= 1 (or set train.max_steps)"),

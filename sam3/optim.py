@@ -17,30 +17,17 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from sam3.config import OptimConfig
 
 VISION_PREFIX = "vision_encoder."
 TEXT_PREFIXES = ("text_encoder.", "text_projection.")
 _VIT_BLOCK = re.compile(r"^vision_encoder\.backbone\.layers\.(\d+)\.")
 _VIT_POSITION = "vision_encoder.backbone.embeddings.position_embeddings"
 _VIT_STEM = ("vision_encoder.backbone.embeddings.", "vision_encoder.backbone.layer_norm.")
-
-
-@dataclass
-class OptimConfig:
-    lr_detr: float = 8e-5
-    lr_vision: float = 2.5e-5
-    lr_text: float = 5e-6
-    layer_decay: float = 0.9
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup: int = 20
-    cooldown: int = 20
-    timescale: int = 20
 
 
 def inverse_sqrt_lr(

@@ -1,18 +1,20 @@
 """The fine-tuning loop: one readable function over the engine step.
 
-Features and the `TrainConfig` fields that turn them on:
+Features and the `TrainJob` fields (sam3.config) that turn them on:
 - model source (tiny | full | transformers folder) and input size: model_source, image_size
 - detection or detection + segmentation: with_masks
-- epochs or a fixed number of optimiser steps: epochs, max_steps
-- batch size per process and gradient accumulation: batch_size, accumulation
-- a seeded subset of N training images (RF100-VL "100 images"): subset_images
-- the recipe's optimiser, layer decay and schedule: optim (sam3.optim.OptimConfig)
-- freezing: freeze (sam3.freeze modes)
-- bf16 / fp16 autocast on CUDA, fp32 on CPU: amp_dtype
-- distributed data parallel from torchrun's environment (gloo on CPU): sam3.distributed
-- checkpoints every N steps and at the end, atomic, resumed automatically: checkpoint_every, keep_last
-- divergence guard (roll back, lower lr, go on, up to a limit): guard_*
-- logs: tqdm, TensorBoard, train_stats.jsonl, every log_every steps
+- epochs or a fixed number of optimiser steps: loop.epochs, loop.max_steps
+- batch size per process and gradient accumulation: loop.batch_size, loop.accumulation
+- a seeded subset of N training images (RF100-VL "100 images"): loop.subset_images
+- the recipe's optimiser, layer decay and schedule: optim
+- the recipe's loss weights, or focal classification for training from scratch: loss
+- freezing: loop.freeze (sam3.freeze modes)
+- bf16 / fp16 autocast on CUDA, fp32 on CPU: loop.amp_dtype; TF32 / cudnn: loop.tf32, loop.cudnn_benchmark
+- distributed data parallel from torchrun's environment (NCCL on GPU, gloo on CPU): ddp
+- checkpoints every N steps, at each epoch end and at the end, atomic, resumed automatically:
+  loop.checkpoint_every, loop.keep_last, loop.checkpoint_epochs; other params -> a new run
+- divergence guard (roll back, lower lr, go on, up to a limit): guard
+- logs: tqdm, TensorBoard, train_stats.jsonl, every loop.log_every steps
 At the end the model is exported in transformers format to run_dir/model (`Sam3Model.from_pretrained` loads it).
 """
 
@@ -23,7 +25,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sam3.checkpoint import TrainState, epoch_checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from sam3.config import DDPConfig, TrainJob
 from sam3.data.collate import collate_prompts
 from sam3.data.dataset import CocoPromptDataset
 from sam3.data.sampler import ResumableSampler
@@ -41,89 +44,11 @@ from sam3.guard import DivergenceGuard
 from sam3.losses import Criterion
 from sam3.matcher import HungarianMatcher
 from sam3.model import load_model, parameters_without_text_gradients
-from sam3.optim import OptimConfig, build_optimizer, set_lr
+from sam3.optim import build_optimizer, set_lr
 
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-@dataclass
-class LoopConfig:
-    """The training loop (`train` section of params.yaml)."""
-
-    epochs: int = 20
-    max_steps: int | None = None  # optimiser steps; overrides epochs when set
-    batch_size: int = 1  # images per process per micro-batch
-    accumulation: int = 1  # micro-batches per optimiser step
-    num_workers: int = 0
-    subset_images: int | None = None  # a seeded random subset of N training images (RF100-VL "100 images")
-    num_negatives: int | None = None  # None: every absent category is a negative query (the reference)
-    seed: int = 0
-    freeze: str = "none"  # none | vision | vision_text | heads (sam3.freeze)
-    grad_clip: float = 0.1
-    amp_dtype: str = "bf16"  # bf16 | fp16 | none (CUDA only; CPU runs fp32)
-    tf32: bool = True  # TF32 matmuls / convolutions on Ampere+ GPUs
-    cudnn_benchmark: bool = False
-    checkpoint_every: int = 100  # optimiser steps
-    checkpoint_epochs: list[int] = field(default_factory=list)  # extra checkpoints kept for good at these epochs
-    keep_last: int = 3
-    log_every: int = 10
-
-
-@dataclass
-class LossConfig:
-    """Criterion weights (`loss` section); defaults are the recipe's (SAM3_RECIPE section 3)."""
-
-    class_loss: str = "iabce"  # iabce (the recipe) | focal (training from scratch)
-    pos_weight: float = 10.0  # 10 for RF100-VL, 5 for ODinW
-    weight_bbox: float = 5.0
-    weight_giou: float = 2.0
-    weight_ce: float = 20.0
-    weight_presence: float = 20.0
-    weight_mask: float = 200.0
-    weight_dice: float = 10.0
-    ce_on_negative_prompts: bool = False
-    scale_by_sqrt_num_queries: bool = False
-
-
-@dataclass
-class GuardConfig:
-    """Divergence guard (`guard` section): roll back on a non-finite loss or a spike over the running median."""
-
-    spike_factor: float = 10.0
-    window: int = 50
-    min_history: int = 10
-    lr_factor: float = 0.5
-    max_rollbacks: int = 3
-
-
-@dataclass
-class DDPConfig:
-    """DistributedDataParallel options (`ddp` section)."""
-
-    find_unused_parameters: bool = False
-    static_graph: bool = False
-    gradient_compression: str = "none"  # none | fp16 | bf16: all-reduce gradients in lower precision
-    timeout_s: int = 1800
-
-
-@dataclass
-class TrainJob:
-    """Everything one training run needs, as plain values."""
-
-    run_dir: str
-    dataset_dir: str
-    negatives: str | None = None
-    model_source: str = "tiny"
-    image_size: int | None = None
-    with_masks: bool = False
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    ddp: DDPConfig = field(default_factory=DDPConfig)
-    params: dict = field(default_factory=dict)  # the resolved params, stored in every checkpoint
 
 
 def seed_everything(seed: int) -> None:

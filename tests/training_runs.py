@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from transformers import Sam3Config, Sam3Model
 
 from pipeline.shapes_data import build_shapes_dataset
+from sam3.config import GuardConfig, LoopConfig, OptimConfig, TrainJob
 from sam3.losses import Criterion
 from sam3.model import tiny_config
-from sam3.optim import OptimConfig
-from sam3.trainer import GuardConfig, LoopConfig, TrainJob
 
 IMAGE_SIZE = 112  # a multiple of the patch size 14; 4x fewer pixels than the tiny model's 224, so steps are fast
 TRAIN_IMAGES = 8
