@@ -25,6 +25,7 @@ from transformers import Sam3Model
 
 import sam3.trainer as trainer
 from sam3.checkpoint import step_checkpoint_name
+from sam3.config import GuardConfig
 from sam3.data import CocoPromptDataset, collate_prompts
 from sam3.freeze import FREEZE_MODES
 from sam3.model import Sam3Detector, load_model, parameters_without_text_gradients
@@ -266,7 +267,7 @@ def test_nan_after_the_rollback_budget_raises_divergence_error(shapes, tmp_path,
     from sam3.guard import DivergenceError
 
     monkeypatch.setattr(trainer, "Criterion", lambda **kwargs: NanOnCall(bad_calls=None, **kwargs))
-    job = make_job(tmp_path, shapes, max_steps=4, guard=trainer.GuardConfig(max_rollbacks=2))
+    job = make_job(tmp_path, shapes, max_steps=4, guard=GuardConfig(max_rollbacks=2))
     with pytest.raises(DivergenceError, match=r"diverged again after 2 rollback\(s\)"):
         trainer.train(job)
     events = [r for r in _records(tmp_path) if r.get("event") == "rollback"]
