@@ -30,18 +30,16 @@ sorted keys and indent 2 (`pipeline.score.write_json`): reruns on CPU give byte-
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.score import summary_line, write_json
 from sam3.coco import load_coco, present_splits, split_annotation_path
 from sam3.errors import DataError
-from sam3.resize import ORIG_HEIGHT, ORIG_WIDTH, original_size, scale_annotation, to_original_scale
+from sam3.evaluation.ground_truth import scale_to_original, score_predictions
+from sam3.resize import original_size
 
 log = logging.getLogger(__name__)
 
@@ -119,30 +117,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help="model input size (default: the model's own)")
 
 
-def scale_to_original(coco: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a COCO dict with every preprocessed image (orig_width / orig_height) and its annotations moved
-    back to the original size: width/height become the original's, the orig keys go, and each annotation is
-    `scale_annotation(ann, orig_width / width, orig_height / height, orig_height, orig_width)`."""
-    out = copy.deepcopy(coco)
-    scales: dict[Any, tuple[float, float, int, int]] = {}
-    for image in out["images"]:
-        orig_w, orig_h = original_size(image)
-        if (orig_w, orig_h) != (int(image["width"]), int(image["height"])):
-            sx, sy = to_original_scale(image)
-            scales[image["id"]] = (sx, sy, orig_h, orig_w)
-        image.pop(ORIG_WIDTH, None)
-        image.pop(ORIG_HEIGHT, None)
-        image["width"], image["height"] = orig_w, orig_h
-    annotations = out.get("annotations", [])
-    out["annotations"] = [
-        scale_annotation(ann, *scales[ann["image_id"]]) if ann.get("image_id") in scales else ann
-        for ann in tqdm(annotations, desc="ground truth to original size", unit="ann", disable=not scales or None)
-    ]
-    if scales:
-        log.info("ground truth of %d of %d images scaled back to their original size", len(scales), len(out["images"]))
-    return out
-
-
 def check_original(original: dict[str, Any], split_gt: dict[str, Any], source: Path) -> None:
     """DataError unless `original` has the split's image ids with its original sizes, and the same categories."""
     by_id = {image.get("id"): image for image in original.get("images", [])}
@@ -185,19 +159,6 @@ def ground_truth(dataset_dir: Path, split: str, gt_original: Path | None = None)
     original = load_coco(gt_original)
     check_original(original, split_gt, gt_original)
     return original
-
-
-def score_predictions(gt: dict[str, Any], predictions: list[dict[str, Any]], with_masks: bool) -> dict[str, Any]:
-    """bbox metrics, plus segm metrics in segmentation mode; SA-Co metrics from masks there, from boxes otherwise."""
-    from sam3.evaluation import score
-
-    metrics = score(gt, predictions, "bbox")
-    if with_masks:
-        box_ap = {key: value for key, value in metrics.items() if key.startswith("bbox_")}
-        metrics = {**box_ap, **score(gt, predictions, "segm")}
-    metrics["num_images"] = len(gt["images"])
-    metrics["num_predictions"] = len(predictions)
-    return metrics
 
 
 def run_inference(detector: Any, dataset_dir: Path, split: str, options: EvalOptions) -> list[dict[str, Any]]:

@@ -57,13 +57,15 @@ def build_job(params: Params, run_dir: Path, dataset: str, negatives: str | None
 
 def check_params(params: Params) -> None:
     """Value checks that types alone cannot express; ConfigError names the key."""
-    from sam3.config import AMP_CHOICES
+    from sam3.config import AMP_CHOICES, TRAIN_MODES
     from sam3.errors import ConfigError
     from sam3.freeze import FREEZE_MODES
 
     checks = [
         (params.train.freeze in FREEZE_MODES, f"train.freeze must be one of {', '.join(FREEZE_MODES)}"),
         (params.train.amp_dtype in AMP_CHOICES, f"train.amp_dtype must be one of {', '.join(AMP_CHOICES)}"),
+        (params.train.mode in TRAIN_MODES, f"train.mode must be one of {', '.join(TRAIN_MODES)}"),
+        (params.train.val_every_epochs >= 0, "train.val_every_epochs must be >= 0 (0: no validation)"),
         (params.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (params.train.accumulation >= 1, "train.accumulation must be >= 1"),
         (params.train.epochs >= 1 or params.train.max_steps, "train.epochs must be >= 1 (or set train.max_steps)"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 AMP_CHOICES: tuple[str, ...] = ("bf16", "fp16", "none")
+TRAIN_MODES: tuple[str, ...] = ("train", "train_only", "val")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class LoopConfig:
     checkpoint_epochs: list[int] = field(default_factory=list)  # extra checkpoints kept for good at these epochs
     keep_last: int = 3
     log_every: int = 10
+    mode: str = "train"  # train (validating every val_every_epochs) | train_only | val (evaluate only, no training)
+    val_every_epochs: int = 0  # validation box/mask AP on the valid split every K epochs; 0: never
+    wandb_project: str | None = None  # also log to Weights & Biases under this project (needs `pip install wandb`)
 
 
 @dataclass

@@ -33,12 +33,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from sam3.checkpoint import TrainState, epoch_checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from sam3.coco import load_coco, split_annotation_path
 from sam3.config import DDPConfig, TrainJob
 from sam3.data.collate import collate_prompts
 from sam3.data.dataset import CocoPromptDataset
 from sam3.data.sampler import ResumableSampler
 from sam3.distributed import DistInfo, barrier, init_distributed
 from sam3.engine import train_step
+from sam3.errors import ConfigError
 from sam3.freeze import apply_freeze
 from sam3.guard import DivergenceGuard
 from sam3.losses import Criterion
@@ -140,8 +142,18 @@ def train(job: TrainJob) -> Path:
         _save(ckpt_dir, state, detector, optimizer, scaler, guard, job, dist_info)
     barrier()
 
+    logs = _Logs(run_dir, dist_info, loop.wandb_project, job.params)
+    if loop.mode == "val":  # the reference's "val" mode: evaluate the (resumed) model, train nothing
+        metrics = _validate(detector, job, device, dist_info)
+        logs.close()
+        if metrics is not None and dist_info.is_main:
+            (run_dir / "val_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            logger.info("validation metrics written to %s", run_dir / "val_metrics.json")
+        barrier()
+        return run_dir / "val_metrics.json"
+    validate_every = loop.val_every_epochs if loop.mode == "train" else 0
+
     model = _wrap_ddp(detector, job.ddp, dist_info)
-    logs = _Logs(run_dir, dist_info)
     progress = _progress(total_steps, state.step, dist_info)
     started, images_seen = time.perf_counter(), 0
     try:  # close the bar and the logs on any exit, so an error message starts on a line of its own
@@ -220,6 +232,14 @@ def train(job: TrainJob) -> Path:
                             epoch_checkpoint_name(epoch + 1),
                         )
                     barrier()  # a rollback on any rank must find this file complete
+                if end_of_epoch and validate_every and (epoch + 1) % validate_every == 0:
+                    metrics = _validate(detector, job, device, dist_info)
+                    if metrics is not None:
+                        key = "segm_AP" if job.with_masks else "bbox_AP"
+                        logs.scalars(state.step, {f"val/{k}": metrics[k] for k in (key, "cgF1") if k in metrics})
+                        if metrics.get(key) is not None:
+                            best = state.best_metric
+                            state.best_metric = metrics[key] if best is None else max(best, metrics[key])
                 if state.step >= total_steps or end_of_epoch:
                     break
             if not rolled_back and micro:
@@ -233,6 +253,30 @@ def train(job: TrainJob) -> Path:
         logger.info("exported the fine-tuned model to %s", export_dir)
     barrier()
     return export_dir
+
+
+def _validate(detector, job: TrainJob, device: torch.device, dist_info: DistInfo) -> dict | None:
+    """Metrics of the model on the dataset's valid split (rank 0 computes them; the others wait)."""
+    from sam3.evaluation.ground_truth import scale_to_original, score_predictions
+    from sam3.inference import predict_dataset
+
+    gt_path = split_annotation_path(job.dataset_dir, "valid")
+    if not gt_path.is_file():
+        logger.warning("%s not found: no validation pass", gt_path)
+        return None
+    metrics = None
+    if dist_info.is_main:
+        detector.eval()
+        predictions = predict_dataset(detector, job.dataset_dir, "valid", with_masks=job.with_masks, device=device)
+        detector.train()
+        metrics = score_predictions(scale_to_original(load_coco(gt_path)), predictions, job.with_masks)
+        logger.info(
+            "validation: bbox_AP %.4f%s",
+            metrics["bbox_AP"],
+            f", segm_AP {metrics['segm_AP']:.4f}" if "segm_AP" in metrics else "",
+        )
+    barrier()
+    return metrics
 
 
 def _wrap_ddp(detector: torch.nn.Module, ddp: DDPConfig, dist_info: DistInfo) -> torch.nn.Module:
@@ -348,16 +392,37 @@ def _progress(total: int, done: int, dist_info: DistInfo):
 
 
 class _Logs:
-    """TensorBoard scalars and train_stats.jsonl, written by rank 0 only."""
+    """TensorBoard scalars, train_stats.jsonl and optionally Weights & Biases, written by rank 0 only."""
 
-    def __init__(self, run_dir: Path, dist_info: DistInfo):
+    def __init__(
+        self, run_dir: Path, dist_info: DistInfo, wandb_project: str | None = None, params: dict | None = None
+    ):
         self.enabled = dist_info.is_main
+        self.wandb = None
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self.jsonl = (run_dir / "train_stats.jsonl").open("a", encoding="utf-8")
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(
+                    "train.wandb_project is set but the wandb package is not installed: pip install wandb"
+                ) from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=params or {}, resume="allow")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+        self.event({"step": step, **values})
 
     def step(self, step, result, optimizer, images_per_s, device) -> None:
         if not self.enabled:
@@ -370,10 +435,7 @@ class _Logs:
         record["images_per_s"] = images_per_s
         if device.type == "cuda":
             record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        for key, value in record.items():
-            if key != "step" and value is not None:
-                self.writer.add_scalar(key, value, step)
-        self.event(record)
+        self.scalars(step, {key: value for key, value in record.items() if key != "step"})
 
     def event(self, record: dict) -> None:
         if self.enabled:
@@ -384,3 +446,5 @@ class _Logs:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()

@@ -317,3 +317,31 @@ def test_rerun_with_other_params_starts_anew_and_sets_old_checkpoints_aside(shap
     # same params: a third call resumes at 3 = max_steps and trains nothing more
     trainer.train(second)
     assert [r["step"] for r in _records(tmp_path) if "loss" in r] == steps
+
+
+def test_validation_every_epoch_and_val_mode(shapes, tmp_path):
+    """val_every_epochs=1: box AP on the valid split is logged at each epoch end (8 images / batch 2 = 4 steps);
+    mode "val" evaluates the same run's model without training and writes val_metrics.json."""
+    job = make_job(tmp_path, shapes, max_steps=8, val_every_epochs=1)
+    trainer.train(job)
+    validated = [r for r in _records(tmp_path) if "val/bbox_AP" in r]
+    assert [r["step"] for r in validated] == [4, 8]
+    assert all(0.0 <= r["val/bbox_AP"] <= 1.0 for r in validated)
+    losses_before = len([r for r in _records(tmp_path) if "loss" in r])
+    metrics_path = trainer.train(make_job(tmp_path, shapes, max_steps=8, mode="val"))
+    metrics = json.loads(metrics_path.read_text())
+    assert {"bbox_AP", "bbox_AP50", "cgF1"} <= set(metrics)
+    assert len([r for r in _records(tmp_path) if "loss" in r]) == losses_before  # nothing trained
+
+
+def test_wandb_without_the_package_is_a_clear_error(shapes, tmp_path):
+    from sam3.errors import ConfigError
+
+    try:
+        import wandb  # noqa: F401
+
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        trainer.train(make_job(tmp_path, shapes, max_steps=1, wandb_project="sam3"))
