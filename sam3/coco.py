@@ -43,6 +43,22 @@ def present_splits(dataset_dir: str | Path) -> list[str]:
     return found
 
 
+def read_json(path: str | Path, missing: str = "file not found") -> Any:
+    """Parse a JSON file; DataError when it is missing (`missing` says what to do), not UTF-8, or not JSON
+    (with file, line and column)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: {missing}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+
+
 def load_coco(path: str | Path) -> dict[str, Any]:
     """Parse a COCO annotation file.
 
@@ -50,16 +66,7 @@ def load_coco(path: str | Path) -> dict[str, Any]:
     not JSON, or not a JSON object.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level must be a JSON object with images, annotations, categories")
     return data

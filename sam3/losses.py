@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from sam3.box_ops import paired_box_iou
+from sam3.config import LossConfig
 from sam3.errors import ConfigError
 from sam3.matcher import HungarianMatcher
 
@@ -60,6 +61,7 @@ from sam3.matcher import HungarianMatcher
 SOFT_TARGET_MIN = 0.01
 
 CLASS_LOSSES = ("iabce", "focal")
+_RECIPE = LossConfig()
 
 
 def normalisers(num_boxes: float, num_queries: float, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,14 +271,15 @@ class Criterion:
     """
 
     matcher: HungarianMatcher = field(default_factory=HungarianMatcher)
-    weight_bbox: float = 5.0
-    weight_giou: float = 2.0
-    weight_ce: float = 20.0
-    weight_presence: float = 20.0
-    weight_mask: float = 200.0
-    weight_dice: float = 10.0
+    # the recipe's weights are defined once, in sam3.config.LossConfig (the `loss` section of params.yaml)
+    weight_bbox: float = _RECIPE.weight_bbox
+    weight_giou: float = _RECIPE.weight_giou
+    weight_ce: float = _RECIPE.weight_ce
+    weight_presence: float = _RECIPE.weight_presence
+    weight_mask: float = _RECIPE.weight_mask
+    weight_dice: float = _RECIPE.weight_dice
     class_loss: Literal["iabce", "focal"] = "iabce"
-    pos_weight: float = 10.0
+    pos_weight: float = _RECIPE.pos_weight
     iabce_alpha: float = 0.25
     iabce_gamma: float = 2.0
     weight_focal_ce: float = 2.0
@@ -284,8 +287,8 @@ class Criterion:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     with_masks: bool = False
-    scale_by_sqrt_num_queries: bool = False
-    ce_on_negative_prompts: bool = False
+    scale_by_sqrt_num_queries: bool = _RECIPE.scale_by_sqrt_num_queries
+    ce_on_negative_prompts: bool = _RECIPE.ce_on_negative_prompts
 
     def __post_init__(self) -> None:
         if self.class_loss not in CLASS_LOSSES:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sam3.coco import read_json
 from sam3.errors import DataError
 
 _FORMAT_HINT = 'expected {"<image id>": ["phrase", {"phrase": "...", "strategy": "..."}, ...], ...}'
@@ -27,14 +28,7 @@ def load_negatives(path: str | Path) -> dict[int, list[str]]:
     in the format above.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: negatives file not found; run the negatives stage or pass no negatives") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    data = read_json(path, missing="negatives file not found; run the negatives stage or pass no negatives")
 
     if isinstance(data, dict) and isinstance(data.get("images"), dict):
         # The wrapper the negatives stage writes. Image-id keys are digit strings, so "images" is never one.

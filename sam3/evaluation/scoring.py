@@ -17,7 +17,6 @@ ignored regions for AP (COCOeval's rule) and are not instances for SA-Co metrics
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from collections import defaultdict
@@ -27,7 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sam3.coco import load_coco
+from sam3.coco import load_coco, read_json
 from sam3.errors import ConfigError, DataError
 from sam3.evaluation.coco_metrics import (
     IOU_TYPES,
@@ -79,14 +78,7 @@ def load_predictions(predictions_json: str | Path | list[dict[str, Any]]) -> tup
     if isinstance(predictions_json, list):
         return copy.deepcopy(predictions_json), "predictions"
     path = Path(predictions_json)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: predictions file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    data = read_json(path, missing="predictions file not found")
     if not isinstance(data, list):
         raise DataError(f"{path}: predictions must be a JSON list of COCO results ({{image_id, category_id, ...}})")
     return data, str(path)
