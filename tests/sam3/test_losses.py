@@ -330,9 +330,10 @@ def test_normalisers_are_averaged_over_ranks(tmp_path):
     N_b = max(1, (3 + 0) / 2) = 1.5 and N_q = max(1, (2 + 4) / 2) = 3 on BOTH ranks.
     Alone (no process group) rank 1's counts would give N_b = max(1, 0) = 1 and N_q = 4."""
     counts = [(3.0, 2.0), (0.0, 4.0)]
-    # fork, not spawn: the children need nothing re-imported, which saves ~15 s per process on a busy machine
+    # spawn, not fork: a forked child inherits whatever threads earlier tests left in this process (Prefect's
+    # test harness, servers) and can die on them
     args = (str(tmp_path / "init"), counts, str(tmp_path))
-    mp.start_processes(_normalisers_on_rank, args=args, nprocs=2, start_method="fork")
+    mp.start_processes(_normalisers_on_rank, args=args, nprocs=2, start_method="spawn")
     for rank in range(2):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "1.5 3.0"
     num_boxes, num_queries = normalisers(*counts[1], "cpu")
