@@ -12,7 +12,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline import evaluate
+from pipeline import cli, evaluate
 from pipeline.preprocess import preprocess_dataset
 from pipeline.shapes_data import CATEGORY_NAMES, build_shapes_dataset
 from sam3.coco import annotation_mask, encode_mask, load_coco, split_annotation_path
@@ -23,9 +23,8 @@ from tests.sam3.tiny_coco import Ann, Img, write_split
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    return parser.parse_args([str(a) for a in argv])
+    """Arguments as `python -m pipeline evaluate ...` parses them."""
+    return cli.build_parser().parse_args(["evaluate", *(str(a) for a in argv)])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import predict
+from pipeline import cli, predict
 from pipeline.shapes_data import build_shapes_dataset
 from sam3.errors import ConfigError, DataError
 from sam3.inference import Detection
@@ -20,9 +20,8 @@ from sam3.overlay import MASK_ALPHA, PALETTE, draw_detections, prompt_colour, te
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    predict.add_arguments(parser)
-    return parser.parse_args([str(a) for a in argv])
+    """Arguments as `python -m pipeline predict ...` parses them."""
+    return cli.build_parser().parse_args(["predict", *(str(a) for a in argv)])
 
 
 @pytest.fixture(scope="module")
