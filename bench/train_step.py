@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
@@ -29,6 +28,7 @@ from sam3.data import PromptQuery, PromptSample, collate_prompts
 from sam3.engine import train_step
 from sam3.freeze import FREEZE_MODES, apply_freeze
 from sam3.losses import Criterion
+from sam3.memory import peak_memory_gb
 from sam3.model import load_model, parameters_without_text_gradients
 from sam3.optim import OptimConfig, build_optimizer
 
@@ -64,12 +64,6 @@ def _box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
     inside_x = (grid >= x0) & (grid < x1)  # [n, S]
     inside_y = (grid >= y0) & (grid < y1)
     return inside_y[:, :, None] & inside_x[:, None, :]
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
 
 
 def measure(detector, batch, freeze: str, args: argparse.Namespace, device: torch.device) -> dict:

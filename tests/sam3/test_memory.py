@@ -1,0 +1,96 @@
+"""Activation checkpointing: same loss and gradients, the blocks really recompute, frozen blocks are left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Sam3Model
+
+from sam3.data import CocoPromptDataset, collate_prompts
+from sam3.freeze import apply_freeze
+from sam3.losses import Criterion
+from sam3.memory import checkpointable_blocks, disable_activation_checkpointing, enable_activation_checkpointing
+from sam3.model import Sam3Detector
+from tests.training_runs import IMAGE_SIZE, build_small_shapes, dropout_free_tiny_config
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    out = build_small_shapes(tmp_path_factory.mktemp("shapes"), n=2)
+    dataset = CocoPromptDataset(out, "train", image_size=IMAGE_SIZE, train=False)
+    return collate_prompts([dataset[0], dataset[1]])
+
+
+def _detector() -> Sam3Detector:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Sam3Detector(Sam3Model(dropout_free_tiny_config())).train()
+
+
+def _loss_and_grads(detector: Sam3Detector, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    detector.model.zero_grad(set_to_none=True)
+    outputs = detector(batch)
+    losses = Criterion()(outputs, batch.targets)
+    losses["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in detector.model.named_parameters() if p.grad is not None}
+    return losses["loss"].detach(), grads
+
+
+def _count_block_forwards(detector: Sam3Detector) -> tuple[dict[str, int], list]:
+    """Attach hooks counting forward calls of every checkpointable block, per tower.
+
+    The hook sits on each block's first sub-module: the recompute calls the block's `forward` directly (transformers
+    keeps the block's own hooks outside the checkpoint), but its sub-modules are called normally both times.
+    """
+    calls: dict[str, int] = {}
+    handles = []
+    for tower, blocks in checkpointable_blocks(detector.model).items():
+        calls[tower] = 0
+
+        def hook(*_, tower=tower):
+            calls[tower] += 1
+
+        handles += [next(iter(block.children())).register_forward_hook(hook) for block in blocks]
+    return calls, handles
+
+
+def test_checkpointing_gives_the_same_loss_and_gradients(batch):
+    plain = _detector()
+    loss_plain, grads_plain = _loss_and_grads(plain, batch)
+    checkpointed = _detector()
+    report = enable_activation_checkpointing(checkpointed.model)
+    # the tiny config: 2 ViT blocks, 1 text block, all trainable
+    assert report.checkpointed == {"vision_encoder": 2, "text_encoder": 1}
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, batch)
+    assert torch.allclose(loss_plain, loss_ckpt, rtol=0, atol=1e-6)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    for name, grad in grads_plain.items():
+        assert torch.allclose(grad, grads_ckpt[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_checkpointed_blocks_run_again_in_the_backward(batch):
+    detector = _detector()
+    calls, handles = _count_block_forwards(detector)
+    _loss_and_grads(detector, batch)
+    # one forward per block: 2 ViT blocks x 2 images batched together = 2 calls; 1 text block once
+    assert calls == {"vision_encoder": 2, "text_encoder": 1}
+    enable_activation_checkpointing(detector.model)
+    calls.update({k: 0 for k in calls})
+    _loss_and_grads(detector, batch)
+    assert calls == {"vision_encoder": 4, "text_encoder": 2}  # the backward recomputes each block once
+    disable_activation_checkpointing(detector.model)
+    calls.update({k: 0 for k in calls})
+    _loss_and_grads(detector, batch)
+    assert calls == {"vision_encoder": 2, "text_encoder": 1}
+    for handle in handles:
+        handle.remove()
+
+
+def test_frozen_blocks_are_not_checkpointed():
+    detector = _detector()
+    apply_freeze(detector.model, "vision")
+    report = enable_activation_checkpointing(detector.model)
+    assert report.checkpointed == {"vision_encoder": 0, "text_encoder": 1}
+    assert report.frozen == {"vision_encoder": 2, "text_encoder": 0}
+    assert "frozen, not checkpointed: vision_encoder 2" in report.summary()
+    assert not any(block.gradient_checkpointing for block in checkpointable_blocks(detector.model)["vision_encoder"])
