@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sam3.config import DDPConfig, GuardConfig, LoopConfig, LossConfig, OptimConfig
+from sam3.config import CacheConfig, DDPConfig, GuardConfig, LoopConfig, LossConfig, OptimConfig
 from sam3.errors import ConfigError
 
 
@@ -96,6 +96,7 @@ class Params:
     ddp: DDPConfig = field(default_factory=DDPConfig)
     launcher: LauncherParams = field(default_factory=LauncherParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:

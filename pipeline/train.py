@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.params import Params, load_params, to_dict
+from sam3.coco import ANNOTATIONS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, type=Path, help="output folder of the run (resumed if present)")
     parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a param"
+        "--set",
+        dest="overrides",
+        action="extend",  # `--set a=1 --set b=2` and `--set a=1 b=2` (what DVC's dict unpacking writes) alike
+        nargs="+",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a param",
     )
     parser.add_argument("--dataset", help="dataset folder (default: data/preprocessed/<dataset.name>)")
     parser.add_argument("--negatives", help="negatives file {image_id: [phrases]} (optional)")
+    parser.add_argument(
+        "--feature-cache", help="feature cache read when cache.enabled (default: data/features/<dataset.name>)"
+    )
+    parser.add_argument(
+        "--train-annotations",
+        default=ANNOTATIONS_FILE,
+        help=f"annotation file of the dataset's train folder to train on (default {ANNOTATIONS_FILE}; ODinW: "
+        "fewshot_train_shot10_seed<S>.json)",
+    )
     parser.add_argument("--datasets", nargs="+", help="SLURM job array: one run per dataset folder")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved params, check them, do not train")
 
 
-def build_job(params: Params, run_dir: Path, dataset: str, negatives: str | None):
+def build_job(
+    params: Params,
+    run_dir: Path,
+    dataset: str,
+    negatives: str | None,
+    train_annotations: str = ANNOTATIONS_FILE,
+    feature_cache: str | None = None,
+):
     """The plain-valued `TrainJob` the library trains from."""
     from sam3.config import TrainJob
 
@@ -43,6 +66,7 @@ def build_job(params: Params, run_dir: Path, dataset: str, negatives: str | None
         run_dir=str(run_dir),
         dataset_dir=dataset,
         negatives=negatives,
+        train_annotations=train_annotations,
         model_source=params.model.source,
         image_size=params.model.image_size,
         with_masks=params.model.mode == "segmentation",
@@ -51,15 +75,20 @@ def build_job(params: Params, run_dir: Path, dataset: str, negatives: str | None
         loss=params.loss,
         guard=params.guard,
         ddp=params.ddp,
+        cache=params.cache,
+        feature_cache_dir=feature_cache,
         params=to_dict(params),
     )
 
 
 def check_params(params: Params) -> None:
     """Value checks that types alone cannot express; ConfigError names the key."""
-    from sam3.config import AMP_CHOICES, TRAIN_MODES
+    from sam3.config import AMP_CHOICES, CACHE_DTYPES, TRAIN_MODES
     from sam3.errors import ConfigError
-    from sam3.freeze import FREEZE_MODES
+    from sam3.freeze import FREEZE_MODES, freezes_vision
+
+    vision_frozen = params.train.freeze in FREEZE_MODES and freezes_vision(params.train.freeze)
+    frozen_modes = ", ".join(m for m in FREEZE_MODES if freezes_vision(m))
 
     checks = [
         (params.train.freeze in FREEZE_MODES, f"train.freeze must be one of {', '.join(FREEZE_MODES)}"),
@@ -72,6 +101,17 @@ def check_params(params: Params) -> None:
         (params.loss.class_loss in ("iabce", "focal"), "loss.class_loss must be iabce or focal"),
         (params.ddp.gradient_compression in ("none", "fp16", "bf16"), "ddp.gradient_compression: none|fp16|bf16"),
         (params.launcher.nodes >= 1 and params.launcher.gpus_per_node >= 1, "launcher.nodes/gpus_per_node >= 1"),
+        (params.cache.views >= 1, "cache.views must be >= 1 (1: the plain warp only, no augmentation)"),
+        (params.cache.dtype in CACHE_DTYPES, f"cache.dtype must be one of {', '.join(CACHE_DTYPES)}"),
+        (
+            not params.cache.enabled or vision_frozen,
+            f"cache.enabled needs a frozen vision encoder (cached features would go stale as it trains): "
+            f"set train.freeze to one of {frozen_modes} (it is {params.train.freeze!r}), or cache.enabled false",
+        ),
+        (
+            not (params.cache.enabled and params.launcher.kind == "slurm"),
+            "cache.enabled with launcher.kind slurm is not supported yet: train from pixels (cache.enabled false)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -88,10 +128,16 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(params), sort_keys=False), end="")
         if not args.datasets:
             present_splits(dataset)  # the dataset must exist: DataError otherwise
+            check_train_annotations(dataset, args.train_annotations)
         print(f"# params OK; dataset {args.datasets or dataset}; run dir {args.run_dir}")
         return 0
     if params.launcher.kind == "slurm":
         from pipeline.launch import submit_slurm
+
+        if args.train_annotations != ANNOTATIONS_FILE:  # submit_slurm builds its jobs on the split's own file
+            from sam3.errors import ConfigError
+
+            raise ConfigError("--train-annotations is not passed to SLURM jobs yet; train few-shot runs locally")
 
         submit_slurm(params, args.run_dir, args.datasets or [dataset], args.negatives)
         return 0
@@ -99,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
         from sam3.errors import ConfigError
 
         raise ConfigError("--datasets (a job array) needs launcher.kind=slurm; run datasets one by one locally")
-    job = build_job(params, args.run_dir, dataset, args.negatives)
+    check_train_annotations(dataset, args.train_annotations)
+    feature_cache = args.feature_cache or f"data/features/{params.dataset.name}"
+    job = build_job(params, args.run_dir, dataset, args.negatives, args.train_annotations, feature_cache)
     write_resolved_params(params, args.run_dir)
     processes = params.launcher.nodes * params.launcher.gpus_per_node
     if processes > 1:
@@ -112,6 +160,18 @@ def run(args: argparse.Namespace) -> int:
         export_dir = train(job)
         print(f"fine-tuned model: {export_dir}")
     return 0
+
+
+def check_train_annotations(dataset: str, name: str) -> None:
+    """DataError when DATASET/train/NAME is not a file (said before any model is built)."""
+    from sam3.errors import DataError
+
+    path = Path(dataset) / "train" / name
+    if not path.is_file():
+        raise DataError(
+            f"{path}: --train-annotations file not found; give a file of the train folder (few-shot files are "
+            "written by `python -m pipeline validate --fewshot-seeds ...` into the clean copy)"
+        )
 
 
 def write_resolved_params(params: Params, run_dir: Path) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sam3.coco import ANNOTATIONS_FILE
+
 AMP_CHOICES: tuple[str, ...] = ("bf16", "fp16", "none")
+CACHE_DTYPES: tuple[str, ...] = ("fp16", "fp32")
 TRAIN_MODES: tuple[str, ...] = ("train", "train_only", "val")
 
 
@@ -43,6 +46,8 @@ class LoopConfig:
     amp_dtype: str = "bf16"  # bf16 | fp16 | none (CUDA only; CPU runs fp32)
     tf32: bool = True  # TF32 matmuls / convolutions on Ampere+ GPUs
     cudnn_benchmark: bool = False
+    activation_checkpointing: bool = False  # recompute trainable encoder blocks in the backward (sam3.memory)
+    compile: bool = False  # torch.compile the ViT blocks (sam3.compiling); pays on GPUs for long runs
     checkpoint_every: int = 100  # optimiser steps
     checkpoint_epochs: list[int] = field(default_factory=list)  # extra checkpoints kept for good at these epochs
     keep_last: int = 3
@@ -90,12 +95,24 @@ class DDPConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The feature cache of frozen encoders (`cache` section; sam3.features): built once by
+    `python -m pipeline cache-features`, read by training instead of pixels when enabled."""
+
+    enabled: bool = False  # train from the cache (needs train.freeze vision, vision_text or heads)
+    views: int = 1  # cached geometries per image: 0 the plain warp, 1.. seeded random warp-pads (1: no augmentation)
+    dtype: str = "fp16"  # fp16 | fp32: how the features are stored
+    seed: int = 0  # draws the views' warp-pads
+
+
+@dataclass
 class TrainJob:
     """Everything one training run needs, as plain values."""
 
     run_dir: str
     dataset_dir: str
     negatives: str | None = None
+    train_annotations: str = ANNOTATIONS_FILE  # the train split's annotation file (or a few-shot file beside it)
     model_source: str = "tiny"
     image_size: int | None = None
     with_masks: bool = False
@@ -104,4 +121,6 @@ class TrainJob:
     loss: LossConfig = field(default_factory=LossConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    feature_cache_dir: str | None = None  # the cache folder read when cache.enabled
     params: dict = field(default_factory=dict)  # the resolved params, stored in every checkpoint

@@ -9,7 +9,8 @@
 
 Accumulation gives the same update as the larger batch because every micro-batch's loss is normalised by the
 counts of the whole accumulated batch (target boxes, queries), not its own: batch 4 x 1 == batch 2 x 2.
-The schedule (`sam3.optim.set_lr`) is applied by the caller before the step.
+The schedule (`sam3.optim.set_lr`) is applied by the caller before the step. `model` is a `Sam3Detector` on
+`PromptBatch`es, or a `sam3.features.CachedDetector` on the `FeatureBatch`es of a feature cache (DDP may wrap either).
 """
 
 from __future__ import annotations

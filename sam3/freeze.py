@@ -7,7 +7,9 @@ Modes, from most to least trainable:
     heads        decoder heads only: the DETR decoder, the dot-product scorer and the mask decoder; the
                  encoders, the fusion encoder and the geometry (box-exemplar) encoder are frozen
 A frozen parameter gets requires_grad False, so autograd keeps no gradient for it and `sam3.optim` gives it no
-optimiser state. With a frozen vision encoder its features can be computed once and cached.
+optimiser state. A frozen encoder's outputs can be computed once and cached (`sam3.features`): the vision encoder's
+in every mode but none (`freezes_vision`), the text encoder's prompt embeddings in vision_text and heads
+(`freezes_text`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ def apply_freeze(model: nn.Module, mode: str, also_freeze: tuple[str, ...] = ())
 
     Returns parameter counts: {"trainable": n, "frozen": m, "total": n + m}.
     """
-    if mode not in _FROZEN_PREFIXES:
-        raise ValueError(f"unknown freeze mode {mode!r}; choose one of {', '.join(FREEZE_MODES)}")
-    frozen_prefixes = _FROZEN_PREFIXES[mode]
+    frozen_prefixes = _prefixes(mode)
     extra = set(also_freeze)
     for name, param in model.named_parameters():
         param.requires_grad_(not (name.startswith(frozen_prefixes) or name in extra))
@@ -45,3 +45,19 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "frozen": total - trainable, "total": total}
+
+
+def freezes_vision(mode: str) -> bool:
+    """Whether `mode` freezes the whole vision encoder (ViT + FPN neck), so its outputs can be cached."""
+    return "vision_encoder." in _prefixes(mode)
+
+
+def freezes_text(mode: str) -> bool:
+    """Whether `mode` freezes the text encoder and its projection, so prompt embeddings can be cached."""
+    return {"text_encoder.", "text_projection."} <= set(_prefixes(mode))
+
+
+def _prefixes(mode: str) -> tuple[str, ...]:
+    if mode not in _FROZEN_PREFIXES:
+        raise ValueError(f"unknown freeze mode {mode!r}; choose one of {', '.join(FREEZE_MODES)}")
+    return _FROZEN_PREFIXES[mode]

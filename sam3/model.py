@@ -277,6 +277,20 @@ class Sam3Detector(nn.Module):
         levels = tuple(out.fpn_hidden_states[:-1])
         return ImageFeatures(levels=levels, position=out.fpn_position_encoding[len(levels) - 1][:1])
 
+    @property
+    def num_levels(self) -> int:
+        """Number of FPN levels in `ImageFeatures`: every scale factor's but the last (0.5x), which is dropped."""
+        return len(self.config.vision_config.scale_factors) - 1
+
+    def image_features(self, levels: tuple[torch.Tensor, ...]) -> ImageFeatures:
+        """`ImageFeatures` of FPN levels computed earlier (sam3.features): the last k of the `num_levels`, the 1x
+        level at least (all of them for masks). The sine position encoding depends on the 1x level's shape only,
+        so it is recomputed rather than stored: the same values `encode_images` takes from the vision encoder."""
+        last = levels[-1]
+        shape = torch.Size([1, *last.shape[1:]])
+        position = self.model.vision_encoder.neck.position_encoding(shape, last.device, last.dtype)
+        return ImageFeatures(levels=tuple(levels), position=position)
+
     def encode_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptFeatures:
         """Run the text encoder once on long [P, L] ids (sam3.tokenizer) and project every token."""
         out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)

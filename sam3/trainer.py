@@ -6,10 +6,13 @@ Features and the `TrainJob` fields (sam3.config) that turn them on:
 - epochs or a fixed number of optimiser steps: loop.epochs, loop.max_steps
 - batch size per process and gradient accumulation: loop.batch_size, loop.accumulation
 - a seeded subset of N training images (RF100-VL "100 images"): loop.subset_images
+- another annotation file of the train split, e.g. an ODinW few-shot file: train_annotations
 - the recipe's optimiser, layer decay and schedule: optim
 - the recipe's loss weights, or focal classification for training from scratch: loss
 - freezing: loop.freeze (sam3.freeze modes)
+- training from a feature cache of the frozen encoders instead of pixels (sam3.features): cache, feature_cache_dir
 - bf16 / fp16 autocast on CUDA, fp32 on CPU: loop.amp_dtype; TF32 / cudnn: loop.tf32, loop.cudnn_benchmark
+- memory and speed: loop.activation_checkpointing (sam3.memory), loop.compile (sam3.compiling)
 - distributed data parallel from torchrun's environment (NCCL on GPU, gloo on CPU): ddp
 - checkpoints every N steps, at each epoch end and at the end, atomic, resumed automatically:
   loop.checkpoint_every, loop.keep_last, loop.checkpoint_epochs; other params -> a new run
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from sam3.checkpoint import TrainState, epoch_checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
 from sam3.coco import load_coco, split_annotation_path
+from sam3.compiling import compile_vit_blocks
 from sam3.config import DDPConfig, TrainJob
 from sam3.data.collate import collate_prompts
 from sam3.data.dataset import CocoPromptDataset
@@ -41,10 +45,12 @@ from sam3.data.sampler import ResumableSampler
 from sam3.distributed import DistInfo, barrier, init_distributed
 from sam3.engine import train_step
 from sam3.errors import ConfigError
+from sam3.features import CachedDetector, open_training_cache
 from sam3.freeze import apply_freeze
 from sam3.guard import DivergenceGuard
 from sam3.losses import Criterion
 from sam3.matcher import HungarianMatcher
+from sam3.memory import enable_activation_checkpointing
 from sam3.model import load_model, parameters_without_text_gradients
 from sam3.optim import build_optimizer, set_lr
 
@@ -91,6 +97,10 @@ def train(job: TrainJob) -> Path:
         loop.freeze,
         len(unused),
     )
+    if loop.activation_checkpointing:
+        logger.info(enable_activation_checkpointing(detector.model).summary())
+    if loop.compile:
+        logger.info("torch.compile: %d ViT blocks (compiled on their first step)", compile_vit_blocks(detector.model))
     detector.to(device)
 
     dataset = CocoPromptDataset(
@@ -102,7 +112,20 @@ def train(job: TrainJob) -> Path:
         negatives=job.negatives,
         seed=loop.seed,
         num_negatives=loop.num_negatives,
+        annotations_file=job.train_annotations,
     )
+    collate = collate_prompts
+    if job.cache.enabled:  # cached features in place of pixels: the same samples, the vision encoder skipped
+        dataset = open_training_cache(
+            job.feature_cache_dir,
+            dataset,
+            detector,
+            job.cache,
+            loop.freeze,
+            model_source=job.model_source,
+            negatives=job.negatives,
+        )
+        collate = dataset.collate
     indices = _subset(len(dataset), loop.subset_images, loop.seed)
     train_set = torch.utils.data.Subset(dataset, indices) if indices is not None else dataset
     sampler = ResumableSampler(len(train_set), loop.seed, True, dist_info.rank, dist_info.world_size)
@@ -153,7 +176,7 @@ def train(job: TrainJob) -> Path:
         return run_dir / "val_metrics.json"
     validate_every = loop.val_every_epochs if loop.mode == "train" else 0
 
-    model = _wrap_ddp(detector, job.ddp, dist_info)
+    model = _wrap_ddp(CachedDetector(detector) if job.cache.enabled else detector, job.ddp, dist_info)
     progress = _progress(total_steps, state.step, dist_info)
     started, images_seen = time.perf_counter(), 0
     try:  # close the bar and the logs on any exit, so an error message starts on a line of its own
@@ -165,7 +188,7 @@ def train(job: TrainJob) -> Path:
                 train_set,
                 batch_size=loop.batch_size,
                 sampler=sampler,
-                collate_fn=collate_prompts,
+                collate_fn=collate,
                 num_workers=loop.num_workers,
                 pin_memory=device.type == "cuda",
             )
@@ -299,8 +322,15 @@ def _wrap_ddp(detector: torch.nn.Module, ddp: DDPConfig, dist_info: DistInfo) ->
 
 
 # params that do not change what a run computes: a checkpoint made with other values of these is still resumed
-_RESUME_SECTIONS = ("model", "train", "optim", "loss")
-_RESUME_IGNORED = {"train.log_every", "train.checkpoint_every", "train.keep_last", "train.checkpoint_epochs"}
+_RESUME_SECTIONS = ("model", "train", "optim", "loss", "cache")
+_RESUME_IGNORED = {
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.checkpoint_epochs",
+    "train.activation_checkpointing",  # same values, less memory
+    "train.compile",  # same values, other kernels
+}
 
 
 def changed_params(stored: dict, current: dict) -> list[str]:

@@ -19,7 +19,7 @@ What is dropped or changed is counted in `stats` and logged once at INFO when th
 A sample that cannot be loaded (missing or corrupt image, mask that does not decode) raises DataError naming the file
 and the image id. It is never replaced by another sample.
 
-Randomness (the training warp, the choice of negatives when `num_negatives` is set) comes from a torch.Generator
+Randomness (the training warp, then the choice of negatives when `num_negatives` is set) comes from a torch.Generator
 seeded from (seed, epoch, index), so a sample depends on nothing else: not the worker count, not the order of access.
 Call `set_epoch(epoch)` before each epoch. With DataLoader(persistent_workers=True) the workers keep the epoch they
 were started with, so leave persistent_workers off (its default) when relying on `set_epoch`.
@@ -41,9 +41,23 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from sam3.coco import annotation_mask, annotation_rle, load_coco, present_splits, split_annotation_path
+from sam3.coco import (
+    ANNOTATIONS_FILE,
+    annotation_mask,
+    annotation_rle,
+    load_coco,
+    present_splits,
+    split_annotation_path,
+)
 from sam3.data.negatives import load_negatives
-from sam3.data.transforms import REFERENCE_IMAGE_SIZE, train_transform, val_transform
+from sam3.data.transforms import (
+    REFERENCE_IMAGE_SIZE,
+    Transformed,
+    WarpPad,
+    sample_train_warp_pad,
+    val_transform,
+    warp_pad,
+)
 from sam3.errors import DataError
 from sam3.tokenizer import clean_text as prompt_key  # equal after cleaning = the same tokens
 
@@ -128,6 +142,8 @@ class CocoPromptDataset(Dataset):
         num_negatives: None keeps every absent category as a negative query (the reference). A number k keeps a
             random k of them per sample (fewer prompts per image helps small models trained from scratch,
             SAM3_RECIPE section 1). Extra negatives from the file are always kept.
+        annotations_file: the annotation file of the split folder to read: `_annotations.coco.json` (the split), or
+            another file over the same images, e.g. an ODinW few-shot file `fewshot_train_shot10_seed3.json`.
     """
 
     def __init__(
@@ -141,12 +157,19 @@ class CocoPromptDataset(Dataset):
         max_targets: int = DEFAULT_MAX_TARGETS,
         seed: int = 0,
         num_negatives: int | None = None,
+        annotations_file: str = ANNOTATIONS_FILE,
     ) -> None:
         splits = present_splits(dataset_dir)
         if split not in splits:
             raise DataError(
                 f"{split_annotation_path(dataset_dir, split)}: split {split!r} not found; "
                 f"this dataset has {', '.join(splits)}"
+            )
+        if not (Path(dataset_dir) / split / annotations_file).is_file():
+            raise DataError(
+                f"{Path(dataset_dir) / split / annotations_file}: annotation file not found in split {split!r}; "
+                "give an annotation file of that split folder (a few-shot file is made by the validate stage: "
+                "--fewshot-seeds)"
             )
         if num_negatives is not None and num_negatives < 0:
             raise ValueError(f"num_negatives must be None or >= 0, got {num_negatives}")
@@ -161,7 +184,7 @@ class CocoPromptDataset(Dataset):
         self.seed = seed
         self.num_negatives = num_negatives
         self.epoch = 0
-        self.annotation_file = split_annotation_path(dataset_dir, split)
+        self.annotation_file = Path(dataset_dir) / split / annotations_file
         if negatives is None or isinstance(negatives, Mapping):
             negatives_map = negatives or {}
         else:
@@ -183,24 +206,41 @@ class CocoPromptDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> PromptSample:
-        record = self.records[index]
+        # The warp is drawn before the negatives: a cached view (sam3.features) takes the warp draw's place.
         generator = sample_generator(self.seed, self.epoch, index)
+        geometry = sample_train_warp_pad(self.image_size, generator) if self.train else None
+        out = self.warp(index, geometry)
+        record = self.records[index]
+        queries = self.draw_queries(index, out.boxes, out.masks, generator)
+        return PromptSample(out.image, record.image_id, record.orig_size, queries)
+
+    def warp(self, index: int, geometry: WarpPad | None = None) -> Transformed:
+        """Image `index` and all its targets through one warp-pad (None: the validation warp).
+
+        The targets are those of every positive query in category id order: the same for every sample of the image,
+        whatever negatives are drawn, so they can be transformed (and cached) once per geometry.
+        """
+        record = self.records[index]
         image = self._read_image(record)
-        queries = self._choose_queries(record, generator)
-        targets = [t for q in queries for t in q.targets]
+        targets = [t for q in record.positives.values() for t in q.targets]
         boxes = torch.tensor([t.box_xyxy for t in targets], dtype=torch.float32).reshape(-1, 4)
         masks = self._read_masks(record, targets) if self.with_masks else None
-        if self.train:
-            out = train_transform(image, boxes, masks, self.image_size, generator)
-        else:
-            out = val_transform(image, boxes, masks, self.image_size)
+        if geometry is None:
+            return val_transform(image, boxes, masks, self.image_size)
+        return warp_pad(image, boxes, masks, geometry, self.image_size)
 
+    def draw_queries(
+        self, index: int, boxes: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator
+    ) -> list[PromptQuery]:
+        """The queries of sample `index`, the negatives drawn from `generator`, each with its slice of `boxes`
+        [n, 4] (and `masks` [n, S, S]): every target of the image, as `warp` gives them."""
+        record = self.records[index]
         prompt_queries = []
         start = 0
-        for query in queries:
+        for query in self._choose_queries(record, generator):
             stop = start + len(query.targets)
-            query_masks = out.masks[start:stop] if out.masks is not None else None
-            prompt_queries.append(PromptQuery(query.prompt, query.category_id, out.boxes[start:stop], query_masks))
+            query_masks = masks[start:stop] if masks is not None else None
+            prompt_queries.append(PromptQuery(query.prompt, query.category_id, boxes[start:stop], query_masks))
             start = stop
         for phrase in record.extra_negatives:
             empty_masks = (
@@ -209,7 +249,7 @@ class CocoPromptDataset(Dataset):
             prompt_queries.append(
                 PromptQuery(phrase, EXTRA_NEGATIVE_CATEGORY_ID, torch.zeros(0, 4, dtype=torch.float32), empty_masks)
             )
-        return PromptSample(out.image, record.image_id, record.orig_size, prompt_queries)
+        return prompt_queries
 
     def _choose_queries(self, record: _ImageRecord, generator: torch.Generator) -> list[_CategoryQuery]:
         """The positives and all absent categories (or a random `num_negatives` of them), in category id order."""
@@ -329,11 +369,15 @@ def _build_index(
     unknown = sorted(set(negatives) - set(image_info))
     stats["extra_negatives_unknown_image"] = len(unknown)
     if unknown:
-        logger.warning(
-            "%s: negatives given for %d image ids not in this split (first: %s); they are not used",
+        # a few-shot file holds a subset of the split's images, so a negatives file made for the split covers more
+        subset = Path(annotation_file).name != ANNOTATIONS_FILE
+        logger.log(
+            logging.INFO if subset else logging.WARNING,
+            "%s: negatives given for %d image ids not in this file (first: %s); they are not used%s",
             annotation_file,
             len(unknown),
             unknown[:5],
+            " (expected: the file holds a subset of the split)" if subset else "",
         )
 
     category_keys = {cat_id: prompt_key(name) for cat_id, name in categories.items()}

@@ -1,6 +1,7 @@
 """`dvc repro` for real on the project's dvc.yaml, in a throw-away git + DVC copy of the repository with tiny params
-(tests/pipeline/prefect_repo.py): every stage runs once, a second repro does nothing, a train param change re-runs
-only train and evaluate, and `dvc metrics show` prints the evaluate stage's bbox_AP."""
+(tests/pipeline/prefect_repo.py): every stage runs once (the feature cache off by default: its stage leaves only a
+manifest), a second repro does nothing, a train param change re-runs only train and evaluate, and `dvc metrics show`
+prints the evaluate stage's bbox_AP."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def test_dvc_repro_runs_each_stage_once_and_reruns_only_what_a_param_change_affe
         dvc(repo, "init", "-q")
     git_commit(repo, "pipeline code and tiny params")
     stages = list(yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
-    assert stages == ["demo_data", "validate", "preprocess", "negatives", "train", "evaluate"]
+    assert stages == ["demo_data", "validate", "preprocess", "negatives", "cache_features", "train", "evaluate"]
 
     # (1) A fresh repository: every stage runs, once, in dependency order (a chain here), and leaves its outs.
     first = dvc(repo, "repro")
@@ -97,6 +98,10 @@ def test_dvc_repro_runs_each_stage_once_and_reruns_only_what_a_param_change_affe
     assert set(locked_stages(repo)) == set(stages)
     for out in ("data/raw/demo", "data/clean/demo", "data/preprocessed/demo", "data/negatives/demo.json"):
         assert (repo / out).exists(), f"{out} missing after `dvc repro`:\n{first}"
+    # the feature cache is off by default (cache.enabled false): its stage writes only a manifest saying so
+    off = json.loads((repo / "data/features/demo/manifest.json").read_text(encoding="utf-8"))
+    assert off == {"format": 1, "enabled": False}
+    assert [p.name for p in (repo / "data/features/demo").iterdir()] == ["manifest.json"]
     for out in ("runs/demo/model", "runs/demo/train_stats.jsonl", METRICS_FILE, "reports/demo/report.md"):
         assert (repo / out).exists(), f"{out} missing after `dvc repro`:\n{first}"
     steps = [json.loads(line)["step"] for line in (repo / "runs/demo/train_stats.jsonl").read_text().splitlines()]

@@ -17,6 +17,14 @@ def test_repo_params_yaml_loads_and_matches_dataclass_defaults_for_model():
     assert params.dataset.raw == "data/raw/demo"
 
 
+def test_repo_params_yaml_keeps_the_feature_cache_off_by_default():
+    from sam3.config import CacheConfig
+
+    # off: the demo pipeline trains from pixels; the cache_features stage then only writes an "off" manifest
+    assert load_params(REPO / "params.yaml").cache == CacheConfig() == CacheConfig(False, 1, "fp16", 0)
+    assert load_params(None, ["cache.enabled=true", "cache.views=4"]).cache == CacheConfig(True, 4, "fp16", 0)
+
+
 def test_defaults_without_file():
     assert load_params(None) == Params()
 

@@ -87,6 +87,21 @@ def test_dry_run_with_a_missing_dataset_exits_2_naming_it(tmp_path, capsys):
     assert line.startswith("error: ") and str(missing) in line
 
 
+def test_set_takes_several_values_as_dvc_unpacks_them_and_a_missing_train_annotations_file_exits_2(
+    shapes, tmp_path, capsys
+):
+    from pipeline.cli import build_parser
+
+    # `--set a b` is what DVC writes for {set: [a, b]} (suites/*/dvc.yaml); the seed given after still comes last
+    args = build_parser().parse_args(["train", "--run-dir", "r", "--set", "a.b=1", "c.d=2", "--set", "train.seed=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "train.seed=3"]
+    assert args.train_annotations == "_annotations.coco.json"
+    assert main([*_args(tmp_path / "run", shapes), "--train-annotations", "fewshot_train_shot10_seed3.json"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {shapes / 'train' / 'fewshot_train_shot10_seed3.json'}: --train-annotations")
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_folder_holds_checkpoints_model_tensorboard_stats_and_params(shapes, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(_args(run_dir, shapes, "train.max_steps=2")) == 0

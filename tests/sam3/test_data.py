@@ -341,6 +341,26 @@ def test_bad_dataset_layout_raises_data_error(tmp_path):
         CocoPromptDataset(root, "train")
 
 
+def test_another_annotation_file_of_the_split_is_read_instead(tmp_path):
+    """A few-shot file beside the split's own file: image 1 only (one bird) of the standard valid split's 3 images."""
+    root = write_standard(tmp_path)
+    coco = load_coco(split_annotation_path(root, "valid"))
+    fewshot = {
+        **coco,
+        "images": [i for i in coco["images"] if i["id"] == 1],
+        "annotations": [a for a in coco["annotations"] if a["image_id"] == 1],
+    }
+    save_coco(root / "valid" / "fewshot_train_shot1_seed3.json", fewshot)
+    dataset = CocoPromptDataset(
+        root, "valid", image_size=S, train=False, annotations_file="fewshot_train_shot1_seed3.json"
+    )
+    assert len(dataset) == 1 and dataset.annotation_file == root / "valid" / "fewshot_train_shot1_seed3.json"
+    assert prompts_and_ids(dataset[0]) == [("cat", 1, 0), ("dog", 2, 0), ("bird", 3, 1)]
+    assert dataset[0].image_id == 1
+    with pytest.raises(DataError, match=r"valid/absent.json: annotation file not found in split 'valid'"):
+        CocoPromptDataset(root, "valid", annotations_file="absent.json")
+
+
 # ---------------------------------------------------------------- negatives file
 
 

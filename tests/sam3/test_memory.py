@@ -94,3 +94,19 @@ def test_frozen_blocks_are_not_checkpointed():
     assert report.frozen == {"vision_encoder": 2, "text_encoder": 0}
     assert "frozen, not checkpointed: vision_encoder 2" in report.summary()
     assert not any(block.gradient_checkpointing for block in checkpointable_blocks(detector.model)["vision_encoder"])
+
+
+def test_compiled_vit_blocks_give_the_same_loss_and_keep_state_dict_keys(batch):
+    from sam3.compiling import compile_vit_blocks
+
+    plain = _detector()
+    loss_plain, grads_plain = _loss_and_grads(plain, batch)
+    compiled = _detector()
+    keys = list(compiled.model.state_dict())
+    # aot_eager traces forward and backward graphs as inductor would, without needing a C++ compiler
+    assert compile_vit_blocks(compiled.model, backend="aot_eager") == 2
+    loss_compiled, grads_compiled = _loss_and_grads(compiled, batch)
+    assert list(compiled.model.state_dict()) == keys
+    assert torch.allclose(loss_plain, loss_compiled, rtol=0, atol=1e-5)
+    for name, grad in grads_plain.items():
+        assert torch.allclose(grad, grads_compiled[name], rtol=1e-4, atol=1e-6), name

@@ -108,6 +108,20 @@ def test_trainer_accumulation_2_x_2_equals_batch_4(batch4_run, shapes, no_dropou
     _assert_same_training(tmp_path, batch4_run, no_dropout_model)
 
 
+def test_activation_checkpointing_and_compiled_vit_blocks_train_the_same(
+    batch4_run, shapes, no_dropout_model, tmp_path, monkeypatch
+):
+    # the trainer compiles with inductor; aot_eager traces the same graphs without a C++ compiler
+    from functools import partial
+
+    from sam3.compiling import compile_vit_blocks
+
+    monkeypatch.setattr(trainer, "compile_vit_blocks", partial(compile_vit_blocks, backend="aot_eager"))
+    job = make_job(tmp_path, shapes, no_dropout_model, batch_size=4, activation_checkpointing=True, compile=True)
+    trainer.train(job)
+    _assert_same_training(tmp_path, batch4_run, no_dropout_model)
+
+
 def test_resume_from_a_mid_epoch_checkpoint_gives_bitwise_identical_weights(reference_run, shapes, tmp_path):
     reference_dir, _ = reference_run
     checkpoints = sorted(p.name for p in (reference_dir / "checkpoints").glob("step_*.pt"))
@@ -298,6 +312,9 @@ def test_changed_params_lists_only_run_defining_keys():
     current = {"train": {"max_steps": 80, "log_every": 5}, "optim": {"lr_detr": 8e-5}, "launcher": {"nodes": 2}}
     # log_every is bookkeeping and launcher does not change the result: only max_steps counts
     assert changed_params(stored, current) == ["train.max_steps: 40 -> 80"]
+    # memory and speed switches compute the same values: a run resumes across them
+    faster = {**stored, "train": {**stored["train"], "activation_checkpointing": True, "compile": True}}
+    assert changed_params(stored, faster) == []
     assert changed_params(stored, stored) == []
 
 
