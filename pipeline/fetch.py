@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.fewshot import FEWSHOT_FILE_TEMPLATE, fewshot_file_name, make_fewshot, shortfall
-from pipeline.suites import ODINW13_SEEDS, RF100VL_PACKAGE, rf100vl_domains
+from pipeline.suites import ODINW13_SEEDS, ODINW13_SHOTS, RF100VL_PACKAGE, rf100vl_domains
 from sam3.coco import ANNOTATIONS_FILE, SPLITS, load_coco, save_coco, split_annotation_path
 from sam3.errors import ConfigError, DataError
 
 SUITES: tuple[str, ...] = ("rf100vl", "odinw13")
-DEFAULT_FEWSHOT_K = 10
+DEFAULT_FEWSHOT_K = ODINW13_SHOTS
 API_KEY_VARIABLE = "ROBOFLOW_API_KEY"
 GLIP_ODINW_DOWNLOAD = "GLIP's ODinW download (github.com/microsoft/GLIP, odinw/download_datasets.py)"
 # GLIP's full training annotations; Roboflow's own export name is the fallback.

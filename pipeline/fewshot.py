@@ -19,6 +19,7 @@ Generated files will not be byte-identical to GLIP's own draws: same recipe, dif
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ import numpy as np
 from sam3.errors import ConfigError, DataError
 
 FEWSHOT_FILE_TEMPLATE = "fewshot_train_shot{k}_seed{seed}.json"
+FEWSHOT_GLOB = "fewshot_train_shot*_seed*.json"  # the few-shot files of a train folder (carried along)
+FEWSHOT_SPLIT = "train"  # the split whose folder holds the few-shot files (subsets of its annotation file)
 FEWSHOT_RULE = (
     "image ids sorted then permuted by numpy.random.default_rng(seed); walk images taking every annotation of "
     "categories still below k; stop when all categories reach k or images run out"
@@ -35,6 +38,11 @@ FEWSHOT_RULE = (
 def fewshot_file_name(k: int, seed: int) -> str:
     """`fewshot_train_shot{k}_seed{seed}.json`, the name GLIP and the SAM 3 ODinW configs use."""
     return FEWSHOT_FILE_TEMPLATE.format(k=k, seed=seed)
+
+
+def fewshot_files(folder: Path) -> list[Path]:
+    """The few-shot files (FEWSHOT_GLOB) directly inside `folder`, sorted by name; [] when the folder is absent."""
+    return sorted(p for p in folder.glob(FEWSHOT_GLOB) if p.is_file()) if folder.is_dir() else []
 
 
 def instance_counts(coco: dict[str, Any]) -> dict[int, int]:

@@ -8,12 +8,15 @@ Two paths through the same stages (ARCHITECTURE.md), chosen by the flow's parame
   skipped with a logged note. Parameters come from params.yaml alone (dvc.yaml reads it).
 - Suite path (`datasets` or `dataset_root`; deployments `rf100` and `odinw13`): `dvc repro` takes no parameter
   overrides, so each dataset runs the stage commands themselves (`python -m pipeline <stage> ...`, with
-  `--params`/`--set` for train) into runs/<suite>/<dataset>/:
-      clean/, validate.json, preprocessed/, negatives.json, seed<s>/{model/, checkpoints/, ..., metrics.json}
+  `--params`/`--set` for train), writing where the DVC suites (suites/<suite>/dvc.yaml) write:
+      data/suites/<suite>/<dataset>/{clean/, preprocessed/, negatives.json}, reports/<suite>/<dataset>/validate.json,
+      runs/<suite>/<dataset>/seed<s>/{model/, checkpoints/, ...}, reports/<suite>/<dataset>/seed<s>/metrics.json
   fanned out over datasets (validate, preprocess, negatives) and datasets x seeds (train with train.seed = s,
   evaluate on the test split; the baseline model is evaluated on the first seed only, its metrics being the same
-  for every seed). Suite stages in dvc.yaml (`foreach` over the datasets), where a project defines them, are the
-  DVC way to the same runs.
+  for every seed). Suite "odinw13" trains seed s on the few-shot file fewshot_train_shot10_seed<s>.json, which the
+  validate stage carries along from the dataset or draws when it lacks it (`--fewshot-seeds`), as the DVC suite.
+  The DVC suite stages (suites/<suite>/dvc.yaml, a `matrix` over datasets and seeds) are the DVC way to the same
+  runs; there RF100-VL runs once per dataset, without the seed<s> level.
 
 Prefect features: retries for the I/O-bound stages (validate, preprocess; not when the stage says the user's data
 or parameters are wrong), the tag "train" under a global concurrency limit of 1 (`tag:train`, created
@@ -46,8 +49,10 @@ from prefect.schedules import Cron
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.aggregate import DEFAULT_METRIC, METRICS_FILE
+from pipeline.fewshot import fewshot_file_name
 from pipeline.score import write_json
-from pipeline.suites import ODINW13_SEEDS
+from pipeline.suite_params import ODINW13_RECIPE, RF100VL_RECIPE, SAFE_NAME, default_params
+from pipeline.suites import ODINW13_SEEDS, ODINW13_SHOTS
 from sam3.coco import SPLITS, present_splits, split_annotation_path
 from sam3.errors import ConfigError, DataError
 
@@ -72,12 +77,12 @@ DVC_STAGES = ("validate", "preprocess", "negatives", "train", "evaluate", "aggre
 PARAMS_FILE = "params.yaml"  # what dvc.yaml reads
 MODEL_FOLDER = "model"  # sam3.trainer.train exports the fine-tuned model to <run dir>/model
 NEGATIVES_FILE = "negatives.json"
+SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"  # a suite run's table, in reports/<suite>/
 REGISTRY_FILE = "models/registry.json"  # in git: who the champion is, and why
 CHAMPION_DIR = "models/champion"  # the champion's model (a copy: the run folder is overwritten by the next run)
 CLI_ERROR_PREFIX = "error: "  # how `pipeline.cli` prints a Sam3Error: the user's input is wrong, retrying cannot help
 OUTPUT_TAIL_LINES = 20  # lines of a failed command's output kept in the error
 PROGRESS_INTERVAL_S = "30"  # seconds between refreshes of a stage's tqdm bars (TQDM_MININTERVAL): each is a log line
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,16 +486,35 @@ def run_dvc_path(repo: Path, metric: str) -> PathResult:
 # Suite path
 
 
+SUITE_DATA, SUITE_RUNS, SUITE_REPORTS = Path("data/suites"), Path("runs"), Path("reports")  # as suites/*/dvc.yaml
+FEWSHOT_SUITES = {"odinw13": ODINW13_SHOTS}  # suites that train each seed on its k-shot file: k
+
+
 @dataclass(frozen=True)
 class DatasetPlan:
-    """One dataset of a suite run and where its outputs go (relative to the repository)."""
+    """One dataset of a suite run and where its outputs go (relative to the repository; the DVC suites' layout)."""
 
     name: str
     raw: str  # the dataset folder as given
-    out: Path  # runs/<suite>/<name>
+    suite: str
+
+    @property
+    def data(self) -> Path:
+        """data/suites/<suite>/<name>: clean/, preprocessed/, negatives.json"""
+        return SUITE_DATA / self.suite / self.name
+
+    @property
+    def reports(self) -> Path:
+        """reports/<suite>/<name>: validate.json"""
+        return SUITE_REPORTS / self.suite / self.name
 
     def run_dir(self, seed: int) -> Path:
-        return self.out / f"seed{seed}"
+        """runs/<suite>/<name>/seed<seed>: the training run"""
+        return SUITE_RUNS / self.suite / self.name / f"seed{seed}"
+
+    def report_dir(self, seed: int) -> Path:
+        """reports/<suite>/<name>/seed<seed>: metrics.json, predictions.json, plots/"""
+        return self.reports / f"seed{seed}"
 
 
 def find_datasets(repo: Path, datasets: list[str] | None, dataset_root: str | None) -> tuple[list[str], list[str]]:
@@ -518,9 +542,9 @@ def find_datasets(repo: Path, datasets: list[str] | None, dataset_root: str | No
 
 def plan_suite(suite: str, datasets: list[str]) -> list[DatasetPlan]:
     """One plan per dataset, named by its folder; ConfigError for a bad suite name or two folders of one name."""
-    if not _NAME.fullmatch(suite):
+    if not SAFE_NAME.fullmatch(suite):
         raise ConfigError(f"suite {suite!r}: use letters, digits, '_', '-', '.' (it names runs/<suite>/)")
-    plans = [DatasetPlan(Path(d).name, d, Path("runs") / suite / Path(d).name) for d in datasets]
+    plans = [DatasetPlan(Path(d).name, d, suite) for d in datasets]
     names = [plan.name for plan in plans]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -528,20 +552,23 @@ def plan_suite(suite: str, datasets: list[str]) -> list[DatasetPlan]:
     return plans
 
 
-def dataset_commands(plan: DatasetPlan, params: Params) -> dict[str, list[str]]:
-    """validate, preprocess and negatives of one dataset: dvc.yaml's commands, with outputs under `plan.out`."""
+def dataset_commands(plan: DatasetPlan, params: Params, seeds: list[int]) -> dict[str, list[str]]:
+    """validate, preprocess and negatives of one dataset: dvc.yaml's commands, with outputs under `plan.data` (and
+    the report under `plan.reports`). A few-shot suite's validate also completes the seeds' few-shot files."""
     negative = params.negatives
+    k = FEWSHOT_SUITES.get(plan.suite)
+    fewshot = {} if k is None else {"fewshot_k": k, "fewshot_seeds": [str(seed) for seed in seeds]}
     return {
         "validate": cli_command(
-            "validate", plan.raw, out=plan.out / "clean", report=plan.out / "validate.json",
-            max_pixels=params.validate.max_pixels,
+            "validate", plan.raw, out=plan.data / "clean", report=plan.reports / "validate.json",
+            max_pixels=params.validate.max_pixels, **fewshot,
         ),
         "preprocess": cli_command(
-            "preprocess", plan.out / "clean", out=plan.out / "preprocessed", size=params.preprocess.size,
+            "preprocess", plan.data / "clean", out=plan.data / "preprocessed", size=params.preprocess.size,
             workers=params.preprocess.workers,
         ),
         "negatives": cli_command(
-            "negatives", plan.out / "preprocessed", out=plan.out / NEGATIVES_FILE,
+            "negatives", plan.data / "preprocessed", out=plan.data / NEGATIVES_FILE,
             strategy=negative.strategies.split(), per_image=negative.per_image, seed=negative.seed,
             similarity_threshold=negative.similarity_threshold, score_threshold=negative.score_threshold,
             model=params.model.source,
@@ -553,21 +580,25 @@ def run_commands(
     plan: DatasetPlan, seed: int, params: Params, params_file: str, overrides: list[str], with_baseline: bool
 ) -> dict[str, list[str]]:
     """train (train.seed = `seed`, applied after `overrides`) and evaluate of one dataset and seed: dvc.yaml's
-    commands, into plan.run_dir(seed). `with_baseline`: also evaluate params' baseline model (before/after table);
-    its metrics do not depend on the seed, so a suite asks for it on one seed per dataset."""
-    run_dir, split = plan.run_dir(seed), params.evaluate.split
+    commands, into plan.run_dir(seed) and plan.report_dir(seed). A few-shot suite trains on the seed's few-shot
+    file. `with_baseline`: also evaluate params' baseline model (before/after table); its metrics do not depend on
+    the seed, so a suite asks for it on one seed per dataset."""
+    run_dir, report_dir, split = plan.run_dir(seed), plan.report_dir(seed), params.evaluate.split
     settings = [arg for item in [*overrides, f"train.seed={seed}"] for arg in ("--set", item)]
+    k = FEWSHOT_SUITES.get(plan.suite)
+    fewshot = {} if k is None else {"train_annotations": fewshot_file_name(k, seed)}
     baseline = {"baseline": params.evaluate.baseline} if with_baseline else {}
     return {
         "train": cli_command(
-            "train", *settings, run_dir=run_dir, dataset=plan.out / "preprocessed", params=params_file,
-            negatives=plan.out / NEGATIVES_FILE,
+            "train", *settings, run_dir=run_dir, dataset=plan.data / "preprocessed", params=params_file,
+            negatives=plan.data / NEGATIVES_FILE, **fewshot,
         ),
         "evaluate": cli_command(
-            "evaluate", model=run_dir / MODEL_FOLDER, dataset=plan.out / "preprocessed", split=split,
-            gt_original=split_annotation_path(plan.out / "clean", split), mode=params.model.mode,
-            prompt_chunk=params.evaluate.prompt_chunk, max_dets=params.evaluate.max_dets, out=run_dir / METRICS_FILE,
-            predictions=run_dir / "predictions.json", plots_dir=run_dir / "plots", **baseline,
+            "evaluate", model=run_dir / MODEL_FOLDER, dataset=plan.data / "preprocessed", split=split,
+            gt_original=split_annotation_path(plan.data / "clean", split), mode=params.model.mode,
+            prompt_chunk=params.evaluate.prompt_chunk, max_dets=params.evaluate.max_dets,
+            out=report_dir / METRICS_FILE, predictions=report_dir / "predictions.json", plots_dir=report_dir / "plots",
+            **baseline,
         ),
     }  # fmt: skip
 
@@ -583,7 +614,7 @@ def run_suite_path(
     plans = plan_suite(suite, datasets)
     cwd = str(repo)
     futures: dict[str, PrefectFuture] = {}
-    per_dataset = {plan.name: dataset_commands(plan, params) for plan in plans}
+    per_dataset = {plan.name: dataset_commands(plan, params, seeds) for plan in plans}
     for stage_task, upstream in ((validate, None), (preprocess, "validate"), (negatives, "preprocess")):
         for plan in plans:
             wait_for = [futures[f"{upstream} {plan.name}"]] if upstream else None
@@ -620,7 +651,7 @@ def summarise_suite(
     cwd: str, suite: str, plans: list[DatasetPlan], seeds: list[int], metric: str
 ) -> tuple[list[MetricRow], list[str]]:
     """The suite path's aggregate step: the metric of every run (dataset x seed), written to
-    runs/<suite>/aggregate.json and aggregate.md; for the benchmark suites (rf100vl, odinw13) also their own
+    reports/<suite>/summary.json and summary.md; for the benchmark suites (rf100vl, odinw13) also their own
     summary from `pipeline.aggregate` (means per domain, or per seed and over seeds)."""
     from pipeline.aggregate import aggregate_odinw13, aggregate_rf100vl, odinw13_markdown, rf100vl_markdown, write_text
     from pipeline.suites import rf100vl_domains
@@ -630,8 +661,8 @@ def summarise_suite(
         MetricRow(
             plan.name,
             seed,
-            read_metric_value(repo / plan.run_dir(seed) / METRICS_FILE, metric),
-            str(plan.run_dir(seed) / METRICS_FILE),
+            read_metric_value(repo / plan.report_dir(seed) / METRICS_FILE, metric),
+            str(plan.report_dir(seed) / METRICS_FILE),
             str(plan.run_dir(seed) / MODEL_FOLDER),
         )
         for plan in plans
@@ -653,9 +684,9 @@ def summarise_suite(
             summary = {"metric": metric, "domains_source": source, **aggregate_rf100vl(values, domains)}
             result["rf100vl"][str(seed)] = summary
             markdown += f"\n## Seed {seed}\n\n" + rf100vl_markdown(summary)
-    out = repo / "runs" / suite
-    write_json(out / "aggregate.json", result)
-    write_text(out / "aggregate.md", markdown)
+    out = repo / SUITE_REPORTS / suite
+    write_json(out / SUMMARY_JSON, result)
+    write_text(out / SUMMARY_MD, markdown)
     return rows, notes
 
 
@@ -733,10 +764,9 @@ def finetune(
 
 RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
 RETRAIN_TIMEZONE = "Europe/Paris"
-# Recipe settings per suite (SAM3_RECIPE sections 4-5): epochs decide (max_steps off), IABCE pos_weight, and
-# RF100-VL's seeded subset of 100 training images.
-RF100_OVERRIDES = ["train.max_steps=null", "train.epochs=20", "train.subset_images=100", "loss.pos_weight=10.0"]
-ODINW13_OVERRIDES = ["train.max_steps=null", "train.epochs=40", "loss.pos_weight=5.0"]
+# Recipe settings per suite (SAM3_RECIPE sections 4-5), the same as the DVC suites' train_flags.
+RF100_OVERRIDES = list(RF100VL_RECIPE)
+ODINW13_OVERRIDES = list(ODINW13_RECIPE)
 
 
 def deployments() -> list[RunnerDeployment]:
@@ -752,16 +782,20 @@ def deployments() -> list[RunnerDeployment]:
         ),
         finetune.to_deployment(
             "rf100",
-            description="RF100-VL: every dataset under data/raw/rf100vl, recipe settings",
-            parameters={"suite": "rf100vl", "dataset_root": "data/raw/rf100vl", "overrides": RF100_OVERRIDES},
+            description=f"RF100-VL: every dataset under {default_params('rf100vl').root}, recipe settings",
+            parameters={
+                "suite": "rf100vl",
+                "dataset_root": default_params("rf100vl").root,
+                "overrides": RF100_OVERRIDES,
+            },
             **common,
         ),
         finetune.to_deployment(
             "odinw13",
-            description="ODinW13 10-shot: datasets under data/raw/odinw13, seeds 3, 30, 300",
+            description=f"ODinW13 10-shot: datasets under {default_params('odinw13').root}, seeds 3, 30, 300",
             parameters={
                 "suite": "odinw13",
-                "dataset_root": "data/raw/odinw13",
+                "dataset_root": default_params("odinw13").root,
                 "seeds": list(ODINW13_SEEDS),
                 "overrides": ODINW13_OVERRIDES,
             },

@@ -12,6 +12,10 @@ Per image (geometry in `sam3.resize`):
 - The record gets the new width/height and `orig_width`/`orig_height`: the size before ANY preprocessing (kept
   when the input was itself preprocessed), so predictions can always be mapped back to the true original.
 
+Few-shot files: every `fewshot_train_shot*_seed*.json` of the train folder is carried along. Its images must be
+images of the train split (same id, file_name, width and height; the validate stage checks this too); their
+records and annotations are moved exactly as the train split's are, with no image written twice.
+
 Deterministic: the same input gives the same bytes whatever `workers` is, and a second run into the same
 folder rewrites identical files. Running the stage on its own output changes nothing (every image fits).
 Files in a split folder that no image record names are not copied; they are counted and logged.
@@ -34,6 +38,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.fewshot import FEWSHOT_SPLIT, fewshot_files
 from sam3.coco import ANNOTATIONS_FILE, load_coco, present_splits, save_coco, split_annotation_path
 from sam3.errors import ConfigError, DataError
 from sam3.resize import ORIG_HEIGHT, ORIG_WIDTH, fit_size, original_size, scale_annotation
@@ -106,7 +111,8 @@ def preprocess_dataset(
     """Write the resized copy of `dataset_dir` to `out_dir`; return a summary.
 
     Summary: {"size", "workers", "images", "resized", "copied", "annotations", "seconds",
-              "splits": {split: {"images", "resized", "copied", "annotations", "unreferenced_files"}}}
+              "splits": {split: {"images", "resized", "copied", "annotations", "unreferenced_files"}},
+              "fewshot": {"train/<file>": {"images", "annotations"}}}
     Raises ConfigError for a bad size/workers/out_dir and DataError (naming the file) for bad input.
     """
     start = time.perf_counter()
@@ -120,11 +126,19 @@ def preprocess_dataset(
         raise ConfigError(f"{out_dir}: --out must differ from the input dataset folder (it would overwrite it)")
 
     plans = [_plan_split(dataset_dir, out_dir, split, size) for split in splits]
+    train = next((plan for plan in plans if plan.split == FEWSHOT_SPLIT), None)
+    fewshot = {path: _check_fewshot(path, train) for path in fewshot_files(dataset_dir / FEWSHOT_SPLIT)}
     jobs = [job for plan in plans for job in plan.jobs]
     results = list(_run_jobs(jobs, workers))
     for plan in plans:
         plan.results, results = results[: len(plan.jobs)], results[len(plan.jobs) :]
         save_coco(split_annotation_path(out_dir, plan.split), _assemble(plan))
+    fewshot_counts = {}
+    for path, data in fewshot.items():
+        save_coco(out_dir / FEWSHOT_SPLIT / path.name, _resize_fewshot(path, data, size))
+        label = f"{FEWSHOT_SPLIT}/{path.name}"
+        fewshot_counts[label] = {"images": len(data["images"]), "annotations": len(data.get("annotations", []))}
+        log.info("%s: carried along, %d images, %d annotations", label, *fewshot_counts[label].values())
 
     split_counts = {}
     for plan in plans:
@@ -151,6 +165,7 @@ def preprocess_dataset(
         "annotations": sum(c["annotations"] for c in split_counts.values()),
         "seconds": time.perf_counter() - start,
         "splits": split_counts,
+        "fewshot": fewshot_counts,
     }
 
 
@@ -222,8 +237,57 @@ def _plan_split(dataset_dir: Path, out_dir: Path, split: str, size: int) -> Spli
         for k, record in enumerate(images)
     ]
     present = {p.relative_to(split_dir).as_posix() for p in split_dir.rglob("*") if p.is_file()}
-    unreferenced = len(present - file_names - {ANNOTATIONS_FILE})
+    carried = {p.name for p in fewshot_files(split_dir)} if split == FEWSHOT_SPLIT else set()
+    unreferenced = len(present - file_names - {ANNOTATIONS_FILE} - carried)
     return SplitPlan(split, data, jobs, annotation_index, unreferenced)
+
+
+def _check_fewshot(path: Path, train: SplitPlan | None) -> dict[str, Any]:
+    """Read a few-shot file and check it is a subset of the train split: every image record equal to the train
+    split's in id, file_name, width and height, every annotation on one of its images. DataError otherwise."""
+    if train is None:
+        raise DataError(f"{path}: few-shot file without a train split ({ANNOTATIONS_FILE}) to take its images from")
+    data = load_coco(path)
+    images, annotations = data.get("images"), data.get("annotations", [])
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise DataError(f"{path}: 'images' and 'annotations' must be lists")
+    train_images = {job.record["id"]: job.record for job in train.jobs}
+    keys = ("file_name", "width", "height")
+    ids = set()
+    for k, record in enumerate(images):
+        image_id = record.get("id") if isinstance(record, dict) else None
+        same = train_images.get(image_id)
+        if same is None or any(record.get(key) != same.get(key) for key in keys):
+            raise DataError(
+                f"{path}: images[{k}] (id {image_id!r}) is not an image of {train.split}/{ANNOTATIONS_FILE} with the "
+                f"same {', '.join(keys)}; run `python -m pipeline validate` first (it quarantines such records)"
+            )
+        ids.add(image_id)
+    for k, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or ann.get("image_id") not in ids:
+            image_id = ann.get("image_id") if isinstance(ann, dict) else None
+            raise DataError(
+                f"{path}: annotations[{k}] refers to image id {image_id!r}, which is not in the file's 'images'; "
+                "run `python -m pipeline validate` first"
+            )
+    return data
+
+
+def _resize_fewshot(path: Path, data: dict[str, Any], size: int) -> dict[str, Any]:
+    """A checked few-shot file with each image record and its annotations moved as `resize_records` moves the
+    train split's (no image file is read or written: the train split's jobs wrote them)."""
+    by_image: dict[Any, list[int]] = {record["id"]: [] for record in data["images"]}
+    annotations = data.get("annotations", [])
+    for k, ann in enumerate(annotations):
+        by_image[ann["image_id"]].append(k)
+    out_images, out_annotations = [], list(annotations)
+    for record in data["images"]:
+        where = f"{path}: image id {record['id']}"
+        result = resize_records(record, [annotations[k] for k in by_image[record["id"]]], size, where)
+        out_images.append(result.record)
+        for k, ann in zip(by_image[record["id"]], result.annotations, strict=True):
+            out_annotations[k] = ann
+    return {**data, "images": out_images, **({"annotations": out_annotations} if "annotations" in data else {})}
 
 
 def _assemble(plan: SplitPlan) -> dict[str, Any]:
@@ -265,15 +329,25 @@ def process_image(job: ImageJob) -> ImageResult:
     record = job.record
     where = f"{job.annotation_file}: image id {record['id']}"
     width, height = record["width"], record["height"]
-    new_w, new_h = fit_size(width, height, job.size)
-    resized = (new_w, new_h) != (width, height)
-    _write_image(job.source, job.target, (width, height), (new_w, new_h), where)
+    _write_image(job.source, job.target, (width, height), fit_size(width, height, job.size), where)
+    return resize_records(record, job.annotations, job.size, where)
 
-    orig_w, orig_h = original_size(record)
+
+def resize_records(record: dict[str, Any], annotations: list[dict[str, Any]], size: int, where: str) -> ImageResult:
+    """An image record and its annotations after the image is fitted in `size` x `size` (no file I/O): the new
+    width/height and orig_width/orig_height on the record, annotations unchanged (copied) when it already fits,
+    scaled by (new_w / width, new_h / height) otherwise. `where` names the image in errors."""
+    width, height = record["width"], record["height"]
+    new_w, new_h = fit_size(width, height, size)
+    resized = (new_w, new_h) != (width, height)
+    try:
+        orig_w, orig_h = original_size(record)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
     new_record = dict(record, width=new_w, height=new_h)
     new_record[ORIG_WIDTH], new_record[ORIG_HEIGHT] = orig_w, orig_h
     new_annotations = []
-    for ann in job.annotations:
+    for ann in annotations:
         segmentation = ann.get("segmentation")
         if isinstance(segmentation, dict) and list(segmentation.get("size", [])) != [height, width]:
             raise DataError(

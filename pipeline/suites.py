@@ -36,6 +36,7 @@ ODINW13_DATASETS: tuple[str, ...] = (
     "thermalDogsAndPeople",
 )
 ODINW13_SEEDS: tuple[int, ...] = (3, 30, 300)
+ODINW13_SHOTS = 10  # instances per category of the few-shot training files (the "10-shot" of ODinW13 10-shot)
 
 
 def read_domains_file(path: str | Path) -> dict[str, str]:

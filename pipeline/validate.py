@@ -1,12 +1,22 @@
 """Stage `validate`: check a COCO dataset, write a clean copy, a quarantine of the rejected records and a JSON report.
 
     python -m pipeline validate DATASET_DIR --out CLEAN_DIR --report report.json [--strict] [--max-pixels N]
+        [--fewshot-seeds S [S ...] [--fewshot-k K]]
 
 Per split: load it (unreadable -> DataError, exit 2), flatten images/annotations/categories into tables
 (validation.records), run the great-expectations suites on them (validation.suites), open every image file
 (validation.files), and sort the records into clean and quarantined (validation.quarantine). Then, across splits,
 warn about categories without any valid annotation, write the outputs (validation.output) and the report
 (validation.report). The exit code is the report's (0 usable, 1 not usable or --strict with errors).
+
+Few-shot files: every `fewshot_train_shot*_seed*.json` of the train folder is carried along. Each is checked like a
+split (same suites, same image file checks) and, as a subset of the train split, every one of its images must be a
+valid image of the train split with the same id and file_name (`not_in_train`). Its problems, counts and
+quarantine are its own, labelled "train/<file name>"; its clean copy is CLEAN_DIR/train/<file name>.
+`--fewshot-seeds` (ODinW13 10-shot: 3 30 300) asks for `fewshot_train_shot{K}_seed{S}.json` for each seed: those the
+dataset lacks are drawn from the CLEAN train split by `pipeline.fewshot.make_fewshot` (k instances per category,
+GLIP-style, deterministic), written to CLEAN_DIR/train/ and logged as generated; the report's "fewshot" section
+says which files came from the dataset and which were generated.
 
 Decisions a user should know:
 - An error quarantines only the record it names, except that annotations follow their image or category into
@@ -23,11 +33,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from pipeline.fewshot import FEWSHOT_SPLIT, fewshot_file_name, fewshot_files, make_fewshot, shortfall
+from pipeline.suites import ODINW13_SHOTS
 from pipeline.validation.files import DEFAULT_MAX_PIXELS, check_image_files
 from pipeline.validation.output import QUARANTINE_DIR, prepare_out_dir, write_outcome
-from pipeline.validation.problems import Problem, Table
+from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.quarantine import SplitOutcome, partition_split
 from pipeline.validation.records import (
     SplitRecords,
@@ -38,10 +52,17 @@ from pipeline.validation.records import (
     is_int,
     load_split,
 )
-from pipeline.validation.report import Report, SplitCounts, unusable_reasons, write_report
+from pipeline.validation.report import (
+    FROM_DATASET,
+    GENERATED,
+    Report,
+    SplitCounts,
+    unusable_reasons,
+    write_report,
+)
 from pipeline.validation.suites import SuiteRunner, annotation_rules, category_rules, image_rules, usage_rules
-from sam3.coco import present_splits
-from sam3.errors import ConfigError
+from sam3.coco import ANNOTATIONS_FILE, present_splits, save_coco
+from sam3.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +78,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_PIXELS,
         help=f"largest width * height an image may have (checked before decoding; default {DEFAULT_MAX_PIXELS:,})",
     )
+    parser.add_argument(
+        "--fewshot-seeds",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="complete train/fewshot_train_shot{K}_seed{S}.json for these seeds: the ones the dataset lacks are "
+        "drawn from the clean train split (GLIP-style) and written to the clean copy",
+    )
+    parser.add_argument(
+        "--fewshot-k",
+        type=int,
+        default=ODINW13_SHOTS,
+        metavar="K",
+        help=f"instances per category of the few-shot files (default {ODINW13_SHOTS})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    report = validate_dataset(args.dataset_dir, args.out, args.report, strict=args.strict, max_pixels=args.max_pixels)
+    report = validate_dataset(
+        args.dataset_dir,
+        args.out,
+        args.report,
+        strict=args.strict,
+        max_pixels=args.max_pixels,
+        fewshot_seeds=args.fewshot_seeds,
+        fewshot_k=args.fewshot_k,
+    )
     return report.exit_code
 
 
@@ -72,13 +117,87 @@ def _check_split(runner: SuiteRunner, dataset_dir: Path, split: SplitRecords, ma
     """Every problem of one split: the suites over its three tables, then its image files."""
     images, problems = image_table(split)
     problems += runner.check(images, image_rules())
-    problems += check_image_files(images, dataset_dir / split.split, max_pixels)
+    problems += check_image_files(images, dataset_dir / split.folder, max_pixels)
     annotations, found = annotation_table(split)
     image_ids, category_ids = _ints(split.records(Table.IMAGES)), _ints(split.records(Table.CATEGORIES))
     problems += found + runner.check(annotations, annotation_rules(image_ids, category_ids))
     categories, found = category_table(split)
     problems += found + runner.check(categories, category_rules())
     return problems
+
+
+def not_in_train(fewshot: SplitRecords, train: SplitOutcome) -> list[Problem]:
+    """`not_in_train` errors for the images of a few-shot file that are not valid images of the train split: no
+    valid train image has their id, or the one that has it names another file. (Their annotations follow them into
+    the quarantine: `image_quarantined`.)"""
+    train_files = {image["id"]: image.get("file_name") for image in train.valid[Table.IMAGES]}
+    problems = []
+    for index, image in enumerate(fewshot.records(Table.IMAGES)):
+        if not isinstance(image, dict) or not is_int(image.get("id")):
+            continue  # wrong_type / missing_key already quarantine it
+        image_id = image["id"]
+        if image_id not in train_files:
+            reason = f"image id {image_id} is not a valid image of the train split ({train.records.file})"
+        elif image.get("file_name") != train_files[image_id]:
+            reason = (
+                f"file_name {image.get('file_name')!r} differs from {train_files[image_id]!r}, the train split's "
+                f"image id {image_id}"
+            )
+        else:
+            continue
+        problems.append(
+            Problem(
+                Check.NOT_IN_TRAIN,
+                Severity.ERROR,
+                f"{where(Table.IMAGES, index, image_id)}: {reason}; a few-shot file is a subset of the train split: "
+                "fix the record or draw the file again",
+                split=fewshot.split,
+                table=Table.IMAGES,
+                index=index,
+                record_id=image_id,
+                file=fewshot.file,
+            )
+        )
+    return problems
+
+
+def _clean_data(outcome: SplitOutcome) -> dict[str, Any]:
+    """The clean COCO data of one annotation file: its top-level object with the valid records."""
+    return {**outcome.records.data, **{str(table): outcome.valid[table] for table in Table}}
+
+
+def complete_fewshot(
+    train: SplitOutcome, train_out: Path, k: int, seeds: Sequence[int], shipped: set[str]
+) -> dict[str, dict[str, Any]]:
+    """Draw `fewshot_file_name(k, seed)` from the clean train split for each seed whose file is not in `shipped` (the
+    file names the dataset had), write it to `train_out`, and log it. Returns {label: entry of the report's
+    "fewshot" section} for the generated files."""
+    generated = {}
+    for seed in dict.fromkeys(seeds):  # each seed once, in the order given
+        name = fewshot_file_name(k, seed)
+        if name in shipped:
+            continue
+        fewshot = make_fewshot(_clean_data(train), k, seed)
+        save_coco(train_out / name, fewshot)
+        short = shortfall(fewshot, k)
+        log.info(
+            "%s/%s: not in the dataset; generated from the clean train split (GLIP-style draw, k %d, seed %d): "
+            "%d images, %d instances%s",
+            FEWSHOT_SPLIT,
+            name,
+            k,
+            seed,
+            len(fewshot["images"]),
+            len(fewshot["annotations"]),
+            f" (categories below k, all their instances taken: {short})" if short else "",
+        )
+        generated[f"{FEWSHOT_SPLIT}/{name}"] = {
+            "source": GENERATED,
+            "images": len(fewshot["images"]),
+            "annotations": len(fewshot["annotations"]),
+            "below_k": short,
+        }
+    return generated
 
 
 def _category_usage(outcomes: list[SplitOutcome]) -> dict[int, tuple[str, int]]:
@@ -95,14 +214,30 @@ def _category_usage(outcomes: list[SplitOutcome]) -> dict[int, tuple[str, int]]:
     return usage
 
 
+def _load_fewshot(dataset_dir: Path, splits: list[SplitRecords], seeds: Sequence[int]) -> list[SplitRecords]:
+    """The few-shot files of the train folder, loaded; DataError when there are some (or seeds to draw) but no train
+    split to check them against."""
+    files = fewshot_files(dataset_dir / FEWSHOT_SPLIT)
+    if (files or seeds) and FEWSHOT_SPLIT not in [split.split for split in splits]:
+        what = f"few-shot files ({', '.join(p.name for p in files)})" if files else "--fewshot-seeds"
+        raise DataError(
+            f"{dataset_dir / FEWSHOT_SPLIT / ANNOTATIONS_FILE}: not found, but {what} need the train split (few-shot "
+            "files are subsets of it); add it"
+        )
+    return [load_split(dataset_dir, FEWSHOT_SPLIT, path.name) for path in files]
+
+
 def validate_dataset(
     dataset_dir: str | Path,
     out_dir: str | Path,
     report_path: str | Path,
     strict: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    fewshot_seeds: Sequence[int] = (),
+    fewshot_k: int = ODINW13_SHOTS,
 ) -> Report:
-    """Validate `dataset_dir`, write the clean copy and quarantine to `out_dir` and the report to `report_path`.
+    """Validate `dataset_dir`, write the clean copy and quarantine to `out_dir` and the report to `report_path`;
+    carry the train split's few-shot files along and draw those of `fewshot_seeds` it lacks (module docstring).
 
     Raises DataError when the dataset cannot be read at all (no folder or split, invalid JSON, a top level that is
     not a COCO object) and ConfigError for unusable arguments; nothing is written then.
@@ -110,7 +245,10 @@ def validate_dataset(
     dataset_dir, out_dir, report_path = Path(dataset_dir), Path(out_dir), Path(report_path)
     if max_pixels <= 0:
         raise ConfigError(f"--max-pixels must be > 0, got {max_pixels}")
+    if fewshot_k < 1:
+        raise ConfigError(f"--fewshot-k must be >= 1, got {fewshot_k}")
     splits = [load_split(dataset_dir, split) for split in present_splits(dataset_dir)]
+    fewshot = _load_fewshot(dataset_dir, splits, fewshot_seeds)
     prepare_out_dir(out_dir, dataset_dir)
 
     runner = SuiteRunner()  # one great-expectations context for the whole run
@@ -120,23 +258,42 @@ def validate_dataset(
         found = _check_split(runner, dataset_dir, split, max_pixels)
         outcomes.append(partition_split(split, found))
         problems += found
+    # few-shot files are subsets of the train split: they do not count towards category usage
     problems += runner.check(category_usage_table(_category_usage(outcomes)), usage_rules())
+    train = next((outcome for outcome in outcomes if outcome.split == FEWSHOT_SPLIT), None)
+    fewshot_outcomes = []
+    for records in fewshot:
+        found = _check_split(runner, dataset_dir, records, max_pixels) + not_in_train(records, train)
+        fewshot_outcomes.append(partition_split(records, found))
+        problems += found
 
-    for outcome in outcomes:
+    for outcome in outcomes + fewshot_outcomes:
         write_outcome(outcome, dataset_dir, out_dir)
-    counts = {outcome.split: SplitCounts.of(outcome) for outcome in outcomes}
+    fewshot_sources = {
+        outcome.split: {
+            "source": FROM_DATASET,
+            "images": len(outcome.valid[Table.IMAGES]),
+            "annotations": len(outcome.valid[Table.ANNOTATIONS]),
+        }
+        for outcome in fewshot_outcomes
+    }
+    if fewshot_seeds:
+        shipped = {outcome.records.name for outcome in fewshot_outcomes}
+        fewshot_sources |= complete_fewshot(train, out_dir / FEWSHOT_SPLIT, fewshot_k, fewshot_seeds, shipped)
+    counts = {outcome.split: SplitCounts.of(outcome) for outcome in outcomes + fewshot_outcomes}
     report = Report(
         dataset=str(dataset_dir),
         counts=counts,
         problems=sorted(problems, key=Problem.sort_key),
         unusable_reasons=unusable_reasons(counts),
         strict=strict,
+        fewshot=dict(sorted(fewshot_sources.items())),
     )
     write_report(report_path, report)
 
     for line in report.summary():
         log.info("%s", line)
-    carried = sum(len(o.consequences) for o in outcomes)
+    carried = sum(len(o.consequences) for o in outcomes + fewshot_outcomes)
     if carried:
         log.info("%d annotation(s) quarantined with their image or category", carried)
     log.info("clean dataset: %s, quarantine: %s, report: %s", out_dir, out_dir / QUARANTINE_DIR, report_path)

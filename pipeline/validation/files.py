@@ -110,7 +110,7 @@ def check_image_files(table: RecordTable, split_dir: Path, max_pixels: int) -> l
                 f"file_name {file_name!r} {unsafe}; make it a path inside the split folder",
             )
         else:
-            shown = f"{table.split}/{file_name}"
+            shown = f"{table.folder}/{file_name}"
             found = inspect_image(split_dir / file_name, _size(row["width_int"]), _size(row["height_int"]), max_pixels)
             found = None if found is None else (found[0], f"{shown} {found[1]}")
         if found is None:

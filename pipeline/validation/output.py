@@ -2,8 +2,10 @@
 
     CLEAN_DIR/<split>/_annotations.coco.json              the input's top-level object (info, licenses, ... kept) with
                                                           the valid images, annotations and categories (save_coco)
+    CLEAN_DIR/train/fewshot_train_shot<k>_seed<s>.json    the same for each few-shot file of the train split
     CLEAN_DIR/<split>/<file_name>                         valid images, hard-linked (copied across filesystems)
-    CLEAN_DIR/_quarantine/<split>/_annotations.coco.json  the quarantined records, each with `_problems`
+    CLEAN_DIR/_quarantine/<split>/_annotations.coco.json  the quarantined records, each with `_problems` (a few-shot
+                                                          file's under its own name)
     CLEAN_DIR/_quarantine/<split>/<file_name>             the quarantined images' files that exist
 
 `_quarantine/` is always created (empty when nothing was quarantined): it marks the folder as validate output,
@@ -21,7 +23,7 @@ from typing import Any
 from pipeline.validation.files import unsafe_reason
 from pipeline.validation.problems import Table
 from pipeline.validation.quarantine import SplitOutcome
-from sam3.coco import ANNOTATIONS_FILE, save_coco
+from sam3.coco import save_coco
 from sam3.errors import ConfigError
 
 QUARANTINE_DIR = "_quarantine"
@@ -81,18 +83,19 @@ def _with_records(data: dict[str, Any], records: dict[Table, list[Any]]) -> dict
 
 
 def write_outcome(outcome: SplitOutcome, dataset_dir: Path, out_dir: Path) -> None:
-    """Write one split's clean annotation file and images, and its quarantine when it has one."""
-    split = outcome.split
-    source_dir = dataset_dir / split
-    save_coco(out_dir / split / ANNOTATIONS_FILE, _with_records(outcome.records.data, outcome.valid))
-    _copy_images(outcome.valid[Table.IMAGES], source_dir, out_dir / split)
+    """Write one annotation file's clean copy and images, and its quarantine when it has one, under the same
+    split folder and file name (a few-shot file of train/ goes to CLEAN_DIR/train/ and _quarantine/train/)."""
+    folder, name = outcome.records.folder, outcome.records.name
+    source_dir = dataset_dir / folder
+    save_coco(out_dir / folder / name, _with_records(outcome.records.data, outcome.valid))
+    _copy_images(outcome.valid[Table.IMAGES], source_dir, out_dir / folder)
     if not any(outcome.quarantined.values()):
         return
-    quarantine_dir = out_dir / QUARANTINE_DIR / split
+    quarantine_dir = out_dir / QUARANTINE_DIR / folder
     quarantine_dir.mkdir(parents=True, exist_ok=True)
     data = _with_records(outcome.records.data, outcome.quarantined)
     # allow_nan: quarantined records may hold the NaN/Infinity they were rejected for; they are written back as
     # found (Python's json, and so load_coco, reads them)
-    save_coco(quarantine_dir / ANNOTATIONS_FILE, data, allow_nan=True)
+    save_coco(quarantine_dir / name, data, allow_nan=True)
     placed = _copy_images(outcome.quarantined[Table.IMAGES], source_dir, quarantine_dir)
-    log.debug("%s: %d quarantined image files placed in %s", split, placed, quarantine_dir)
+    log.debug("%s: %d quarantined image files placed in %s", outcome.split, placed, quarantine_dir)

@@ -1,7 +1,8 @@
 """What validation found: check names, severities, and the `Problem` record the report lists.
 
 A problem of severity `error` quarantines the record it names; a `warning` is only reported.
-Problems sort deterministically: by split (SPLITS order), table, position of the record in its list, check name.
+Problems sort deterministically: by split (SPLITS order; few-shot files after the splits, by name), table, position
+of the record in its list, check name.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class Check(StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"  # width * height from the header over --max-pixels; never decoded
     IMAGE_SIZE_MISMATCH = "image_size_mismatch"  # real size differs from the JSON width/height
     TRUNCATED_IMAGE = "truncated_image"  # PIL verify or a full decode fails
+    # few-shot files of the train split (validate.py)
+    NOT_IN_TRAIN = "not_in_train"  # a few-shot image that is not a valid image of the train split (id + file_name)
     # consequences, written on quarantined annotations only (not in the report's problem list)
     IMAGE_QUARANTINED = "image_quarantined"  # the annotation's image is quarantined, so it goes too
     CATEGORY_QUARANTINED = "category_quarantined"  # the annotation's category is quarantined, so it goes too
@@ -109,11 +112,12 @@ class Problem:
         """The reason written on a quarantined record (`_problems`)."""
         return {"check": str(self.check), "severity": str(self.severity), "message": self.message}
 
-    def sort_key(self) -> tuple[int, int, int, str, str]:
-        split_order = SPLITS.index(self.split) if self.split in SPLITS else len(SPLITS)
+    def sort_key(self) -> tuple[int, str, int, int, str, str]:
+        # splits in SPLITS order, then other labels (few-shot files, "train/<file>") by name, then dataset-wide
+        split_order = SPLITS.index(self.split) if self.split in SPLITS else len(SPLITS) + (self.split is None)
         table_order = list(Table).index(self.table) if self.table is not None else len(Table)
         index = -1 if self.index is None else self.index
-        return (split_order, table_order, index, str(self.check), self.message)
+        return (split_order, self.split or "", table_order, index, str(self.check), self.message)
 
 
 def where(table: Table, index: int, record_id: Any) -> str:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
 
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.rle import rle_error, rle_size
-from sam3.coco import ANNOTATIONS_FILE, load_coco, split_annotation_path
+from sam3.coco import ANNOTATIONS_FILE, load_coco
 from sam3.errors import DataError
 
 # `describe` results the rules accept
@@ -35,11 +35,26 @@ POLYGONS_KIND = "list of number lists"
 
 @dataclass(frozen=True)
 class SplitRecords:
-    """One split's annotation file as loaded: the top-level object and its three record lists."""
+    """One annotation file of a split as loaded: the top-level object and its three record lists.
 
-    split: str
+    A split's own file is labelled by the split ("train"); another annotation file of the split folder (a few-shot
+    file) by its path, "train/fewshot_train_shot10_seed3.json", so that its problems, counts and quarantine stay
+    apart from the split's.
+    """
+
+    split: str  # the label: problems, counts and the partition are keyed by it
     file: str  # the annotation file, relative to the dataset folder (as problems name it)
     data: dict[str, Any]
+
+    @property
+    def folder(self) -> str:
+        """The split folder holding the file and its images."""
+        return PurePosixPath(self.file).parent.as_posix()
+
+    @property
+    def name(self) -> str:
+        """The annotation file's name inside its split folder."""
+        return PurePosixPath(self.file).name
 
     def records(self, table: Table) -> list[Any]:
         return self.data[str(table)]
@@ -54,10 +69,16 @@ class RecordTable:
     file: str | None
     frame: pd.DataFrame  # indexed by the record's position in its JSON list
 
+    @property
+    def folder(self) -> str | None:
+        """The split folder of `file` (where its images are), None for the dataset-wide table."""
+        return None if self.file is None else PurePosixPath(self.file).parent.as_posix()
 
-def load_split(dataset_dir: Path, split: str) -> SplitRecords:
-    """Parse `<dataset_dir>/<split>/_annotations.coco.json`; DataError when it is not a COCO object with three lists."""
-    path = split_annotation_path(dataset_dir, split)
+
+def load_split(dataset_dir: Path, split: str, name: str = ANNOTATIONS_FILE) -> SplitRecords:
+    """Parse `<dataset_dir>/<split>/<name>` (the split's own file by default); DataError when it is not a COCO
+    object with three lists."""
+    path = dataset_dir / split / name
     data = load_coco(path)
     for table in Table:
         value = data.get(str(table))
@@ -67,7 +88,8 @@ def load_split(dataset_dir: Path, split: str) -> SplitRecords:
                 f"{path}: top-level '{table}' must be a list, found {found}; a COCO file needs 'images', "
                 "'annotations' and 'categories' lists (use [] for none)"
             )
-    return SplitRecords(split=split, file=f"{split}/{ANNOTATIONS_FILE}", data=data)
+    file = f"{split}/{name}"
+    return SplitRecords(split=split if name == ANNOTATIONS_FILE else file, file=file, data=data)
 
 
 def is_int(value: Any) -> bool:

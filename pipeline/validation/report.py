@@ -3,7 +3,9 @@
 Report JSON (written with save_coco, so sorted keys and byte-stable):
     {"ok": bool, "usable": bool, "unusable_reasons": [str], "dataset": str,
      "counts": {split: {images, annotations, categories, valid_*, quarantined_*}},
-     "problems": [{check, severity, split, image_id, annotation_id, category_id, table, index, file, message}]}
+     "problems": [{check, severity, split, image_id, annotation_id, category_id, table, index, file, message}],
+     "fewshot": {"train/<file>": {"source": "dataset" | "generated", "images": int, "annotations": int, ...}}}
+A few-shot file found in the dataset is checked like a split: its counts and problems are keyed "train/<file>".
 `ok` means usable and no error; warnings do not spoil it.
 
 Exit code: 1 when the clean dataset is not usable (a split without a valid image or category, or no valid
@@ -20,7 +22,9 @@ from typing import Any
 
 from pipeline.validation.problems import Problem, Severity, Table
 from pipeline.validation.quarantine import SplitOutcome
-from sam3.coco import save_coco
+from sam3.coco import SPLITS, save_coco
+
+FROM_DATASET, GENERATED = "dataset", "generated"  # the "source" of a few-shot file of the clean copy
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,11 @@ def unusable_reasons(counts: dict[str, SplitCounts]) -> list[str]:
     """Why training or evaluation could not use the clean dataset; empty when it can."""
     reasons = []
     for split, c in counts.items():
+        what = f"split {split}" if split in SPLITS else split  # a few-shot file is named by its path
         if c.valid_images == 0:
-            reasons.append(f"split {split} has no valid image ({c.quarantined_images} quarantined)")
+            reasons.append(f"{what} has no valid image ({c.quarantined_images} quarantined)")
         if c.valid_categories == 0:
-            reasons.append(f"split {split} has no valid category ({c.quarantined_categories} quarantined)")
+            reasons.append(f"{what} has no valid category ({c.quarantined_categories} quarantined)")
     if sum(c.valid_annotations for c in counts.values()) == 0:
         quarantined = sum(c.quarantined_annotations for c in counts.values())
         reasons.append(f"no valid annotation in any split ({quarantined} quarantined)")
@@ -75,6 +80,7 @@ class Report:
     problems: list[Problem]  # in Problem.sort_key order
     unusable_reasons: list[str] = field(default_factory=list)
     strict: bool = False
+    fewshot: dict[str, dict[str, Any]] = field(default_factory=dict)  # few-shot files of the clean copy, by label
 
     @property
     def errors(self) -> list[Problem]:
@@ -104,6 +110,7 @@ class Report:
             "dataset": self.dataset,
             "counts": {split: asdict(c) for split, c in self.counts.items()},
             "problems": [p.to_json() for p in self.problems],
+            "fewshot": self.fewshot,
         }
 
     def summary(self) -> list[str]:
@@ -117,6 +124,9 @@ class Report:
         by_check = Counter((str(p.check), str(p.severity)) for p in self.problems)
         for (check, severity), count in sorted(by_check.items()):
             lines.append(f"{check}: {count} {severity}{'s' if count > 1 else ''}")
+        for label, entry in self.fewshot.items():
+            source = "from the dataset" if entry["source"] == FROM_DATASET else "generated (not in the dataset)"
+            lines.append(f"{label}: {source}, {entry['images']} images, {entry['annotations']} annotations")
         if not self.problems:
             lines.append("no problems found")
         lines += [f"not usable: {reason}" for reason in self.unusable_reasons]

@@ -4,6 +4,7 @@ harness, with its metric table, Markdown summary and one-at-a-time training."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import logging
@@ -29,6 +30,7 @@ from pipeline.flows import (
     read_registry,
 )
 from pipeline.params import load_params
+from sam3.coco import ANNOTATIONS_FILE
 from sam3.errors import ConfigError, DataError
 from tests.pipeline.prefect_repo import IMAGE_SIZE, shapes_datasets, write_params
 
@@ -126,40 +128,57 @@ def test_a_broken_registry_names_the_file(tmp_path: Path) -> None:
 # --- stage commands -------------------------------------------------------------------------------------------------
 
 
+def parsed(command: list[str]) -> argparse.Namespace:
+    """A stage command read back by the real CLI parser."""
+    assert command[:3] == [sys.executable, "-m", "pipeline"]
+    return build_parser().parse_args(command[3:])
+
+
 def test_suite_commands_parse_with_the_real_cli_and_carry_the_params(tmp_path: Path) -> None:
     params_file = write_params(tmp_path / "params.yaml")
     params = load_params(params_file, ["train.max_steps=3"])
-    plan = DatasetPlan("a", "raw/a", Path("runs/tiny/a"))
-    per_dataset = flows.dataset_commands(plan, params)
+    plan = DatasetPlan("a", "raw/a", "tiny")
+    per_dataset = flows.dataset_commands(plan, params, [30, 300])
     per_run = flows.run_commands(plan, 30, params, "params.yaml", ["train.max_steps=3"], with_baseline=True)
     no_baseline = flows.run_commands(plan, 300, params, "params.yaml", [], with_baseline=False)
-    parser = build_parser()
 
-    def parsed(command: list[str]):
-        assert command[:3] == [sys.executable, "-m", "pipeline"]
-        return parser.parse_args(command[3:])
-
+    # the layout of the DVC suites (suites/<suite>/dvc.yaml)
     validate = parsed(per_dataset["validate"])
-    assert (validate.out, validate.report) == (Path("runs/tiny/a/clean"), Path("runs/tiny/a/validate.json"))
+    assert (validate.out, validate.report) == (Path("data/suites/tiny/a/clean"), Path("reports/tiny/a/validate.json"))
+    assert validate.fewshot_seeds == []  # not a few-shot suite
     preprocess = parsed(per_dataset["preprocess"])
     assert (str(preprocess.dataset_dir), preprocess.out, preprocess.size) == (
-        "runs/tiny/a/clean",
-        Path("runs/tiny/a/preprocessed"),
+        "data/suites/tiny/a/clean",
+        Path("data/suites/tiny/a/preprocessed"),
         IMAGE_SIZE,
     )
     negatives = parsed(per_dataset["negatives"])
     assert (negatives.strategies, negatives.per_image, negatives.model) == (["absent"], 30, "tiny")
+    assert negatives.out == Path("data/suites/tiny/a/negatives.json")
     train = parsed(per_run["train"])
-    assert train.run_dir == Path("runs/tiny/a/seed30") and train.negatives == "runs/tiny/a/negatives.json"
+    assert train.run_dir == Path("runs/tiny/a/seed30") and train.negatives == "data/suites/tiny/a/negatives.json"
     assert train.overrides == ["train.max_steps=3", "train.seed=30"]  # the seed is applied last
+    assert train.train_annotations == ANNOTATIONS_FILE
     evaluate = parsed(per_run["evaluate"])
-    assert evaluate.model == "runs/tiny/a/seed30/model" and evaluate.out == Path("runs/tiny/a/seed30/metrics.json")
-    assert evaluate.gt_original == Path("runs/tiny/a/clean/test/_annotations.coco.json")
+    assert evaluate.model == "runs/tiny/a/seed30/model"
+    assert evaluate.out == Path("reports/tiny/a/seed30/metrics.json")
+    assert evaluate.gt_original == Path("data/suites/tiny/a/clean/test/_annotations.coco.json")
     assert evaluate.baseline == "tiny" and parsed(no_baseline["evaluate"]).baseline is None
 
 
+def test_odinw13_validate_completes_the_seeds_fewshot_files_and_train_reads_its_seeds(tmp_path: Path) -> None:
+    params = load_params(write_params(tmp_path / "params.yaml"))
+    plan = DatasetPlan("Aquarium", "raw/Aquarium", "odinw13")
+    validate = parsed(flows.dataset_commands(plan, params, [3, 30])["validate"])
+    assert (validate.fewshot_k, validate.fewshot_seeds) == (10, [3, 30])
+    for seed in (3, 30):
+        train = parsed(flows.run_commands(plan, seed, params, "params.yaml", [], with_baseline=False)["train"])
+        assert train.train_annotations == f"fewshot_train_shot10_seed{seed}.json"
+        assert train.run_dir == Path(f"runs/odinw13/Aquarium/seed{seed}")
+
+
 def test_plan_suite_rejects_clashing_names_and_bad_suite_names() -> None:
-    assert flows.plan_suite("s", ["x/a", "y/b"])[1] == DatasetPlan("b", "y/b", Path("runs/s/b"))
+    assert flows.plan_suite("s", ["x/a", "y/b"])[1] == DatasetPlan("b", "y/b", "s")
     with pytest.raises(ConfigError, match=r"datasets \['a'\] appear twice"):
         flows.plan_suite("s", ["x/a", "y/a"])
     with pytest.raises(ConfigError, match="suite '../up'"):
@@ -208,7 +227,7 @@ def test_summarise_suite_adds_the_odinw13_summary_over_seeds(tmp_path: Path) -> 
     plans = flows.plan_suite("odinw13", ["raw/Aquarium", "raw/Raccoon", "raw/pothole"])
     values = {("Aquarium", 3): 0.6, ("Aquarium", 30): 0.4, ("Raccoon", 3): 0.2, ("Raccoon", 30): 0.0}
     for (name, seed), value in values.items():  # pothole has no run
-        path = tmp_path / "runs/odinw13" / name / f"seed{seed}" / "metrics.json"
+        path = tmp_path / "reports/odinw13" / name / f"seed{seed}" / "metrics.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"bbox_AP": value}), encoding="utf-8")
 
@@ -218,11 +237,11 @@ def test_summarise_suite_adds_the_odinw13_summary_over_seeds(tmp_path: Path) -> 
         ("pothole", 3, None), ("pothole", 30, None),
     ]  # fmt: skip
     assert notes == ["no metrics file: pothole seed 3, pothole seed 30"]
-    summary = json.loads((tmp_path / "runs/odinw13/aggregate.json").read_text())["odinw13"]
+    summary = json.loads((tmp_path / "reports/odinw13/summary.json").read_text())["odinw13"]
     # seed 3: (0.6 + 0.2) / 2 = 0.4; seed 30: (0.4 + 0.0) / 2 = 0.2; mean 0.3; sample std sqrt(2 * 0.1^2 / 1) = 0.1414
     assert summary["seeds"]["3"]["mean"] == pytest.approx(0.4) and summary["seeds"]["30"]["mean"] == pytest.approx(0.2)
     assert summary["mean"] == pytest.approx(0.3) and summary["std"] == pytest.approx(math.sqrt(0.02))
-    markdown = (tmp_path / "runs/odinw13/aggregate.md").read_text()
+    markdown = (tmp_path / "reports/odinw13/summary.md").read_text()
     assert "| pothole | 3 | n/a |" in markdown and "# ODinW13: bbox_AP (x100)" in markdown
 
 
@@ -344,13 +363,13 @@ def test_finetune_suite_of_3_datasets_x_2_seeds(tmp_path: Path) -> None:
         metrics = json.loads((tmp_path / row["metrics_file"]).read_text())
         assert row["value"] == metrics["bbox_AP"] and 0.0 <= row["value"] <= 1.0
         assert (tmp_path / row["model"] / "config.json").is_file()
-        params = yaml.safe_load((tmp_path / row["metrics_file"]).parent.joinpath("params.yaml").read_text())
+        params = yaml.safe_load((tmp_path / row["model"]).parent.joinpath("params.yaml").read_text())
         assert (params["train"]["seed"], params["train"]["max_steps"]) == (row["seed"], 3)
     assert json.loads(artifacts["finetune-tiny-metrics"].data) == rows
     summary = artifacts["finetune-tiny-summary"].data
     for row in rows:
         assert f"| {row['dataset']} | {row['seed']} | {row['value']:.4f} | {row['metrics_file']} |" in summary
-    assert json.loads((tmp_path / "runs/tiny/aggregate.json").read_text())["runs"] == rows
+    assert json.loads((tmp_path / "reports/tiny/summary.json").read_text())["runs"] == rows
 
     # the "train" tag's limit: created at 1, and no two trainings overlapped
     assert limit.limit == 1
@@ -389,7 +408,7 @@ def test_a_broken_dataset_fails_the_flow_naming_its_stages_without_retrying(tmp_
             "dataset": "broken",
             "seed": 0,
             "value": None,
-            "metrics_file": "runs/bad/broken/seed0/metrics.json",
+            "metrics_file": "reports/bad/broken/seed0/metrics.json",
             "model": "runs/bad/broken/seed0/model",
         }
     ]

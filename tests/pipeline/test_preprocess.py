@@ -344,3 +344,36 @@ def test_output_passes_validation(preprocessed, tmp_path):
     assert report.problems == []
     assert report.ok and report.exit_code == 0
     assert json.loads((tmp_path / "report.json").read_text())["ok"] is True
+
+
+def test_fewshot_files_of_train_are_moved_exactly_as_the_train_split(tmp_path):
+    """A few-shot file over train images 1 (a.jpg, 600x400: scaled by 256/600 to 256x171) and 3 (small.png, 200x150:
+    fits, kept): its records and annotations come out equal to the train split's own output for those images."""
+    root = make_dataset(tmp_path / "raw")
+    train = load_coco(split_annotation_path(root, "train"))
+    fewshot = {
+        **train,
+        "info": {"fewshot": {"k": 1, "seed": 3}},
+        "images": [image for image in train["images"] if image["id"] in (1, 3)],
+        "annotations": [ann for ann in train["annotations"] if ann["image_id"] in (1, 3)],
+    }
+    save_coco(root / "train" / "fewshot_train_shot1_seed3.json", fewshot)
+    summary = preprocess_dataset(root, tmp_path / "out", size=SIZE)
+
+    assert summary["fewshot"] == {"train/fewshot_train_shot1_seed3.json": {"images": 2, "annotations": 8}}
+    assert summary["splits"]["train"]["unreferenced_files"] == 0  # carried, not a stray file
+    out_train = load_coco(split_annotation_path(tmp_path / "out", "train"))
+    out_fewshot = load_coco(tmp_path / "out" / "train" / "fewshot_train_shot1_seed3.json")
+    assert out_fewshot["images"] == [by_id(out_train["images"])[i] for i in (1, 3)]
+    assert (out_fewshot["images"][0]["width"], out_fewshot["images"][0]["height"]) == (256, 171)
+    assert out_fewshot["annotations"] == [a for a in out_train["annotations"] if a["image_id"] in (1, 3)]
+    assert out_fewshot["info"] == {"fewshot": {"k": 1, "seed": 3}}  # top-level keys kept
+
+
+def test_fewshot_image_that_is_not_the_train_image_is_an_error(tmp_path):
+    root = make_dataset(tmp_path / "raw")
+    train = load_coco(split_annotation_path(root, "train"))
+    fewshot = {**train, "images": [dict(train["images"][0], width=601)], "annotations": []}
+    save_coco(root / "train" / "fewshot_train_shot1_seed3.json", fewshot)
+    with pytest.raises(DataError, match=r"fewshot_train_shot1_seed3.json: images\[0\] \(id 1\) is not an image of"):
+        preprocess_dataset(root, tmp_path / "out", size=SIZE)

@@ -636,3 +636,93 @@ def test_out_folder_that_is_not_validate_output_is_refused(tmp_path, capsys):
     code = main(["validate", str(ds), "--out", str(ds / "clean"), "--report", str(tmp_path / "r.json")])
     assert code == 2 and "overlaps the dataset" in capsys.readouterr().err
     assert run_validate(tmp_path, "--max-pixels", "0")[0] == 2
+
+
+# ---------------------------------------------------------------- few-shot files of the train split
+
+
+def test_fewshot_files_are_checked_against_train_carried_and_missing_seeds_drawn(tmp_path, caplog):
+    """train: ids 1..4 = img0..img3.png, annotation 100 + id on each, category 1 (cat) on ids 1 and 3, 2 (dog) on
+    ids 2 and 4. The dataset ships fewshot_train_shot1_seed3.json with image 1 (fine), image 2 named img0.png (the
+    train split's image 2 is img1.png) and image 7 (no such train image); seed 30's file is absent and is drawn:
+    default_rng(30).permutation(4) + 1 = [1, 2, 4, 3]; k = 1: image 1 takes cat (101), image 2 dog (102), done."""
+    caplog.set_level(logging.INFO, logger="pipeline.validate")
+    ds = tmp_path / "ds"
+    train = clean_split(ds, "train", n_images=4)
+    for split in ("train", "valid", "test"):
+        write_split(ds, split, train if split == "train" else clean_split(ds, split))
+    fewshot = {
+        **train,
+        "images": [
+            train["images"][0],
+            {"id": 2, "file_name": "img0.png", "width": WIDTH, "height": HEIGHT},
+            {"id": 7, "file_name": "img3.png", "width": WIDTH, "height": HEIGHT},
+        ],
+        "annotations": [train["annotations"][0], train["annotations"][1], {**train["annotations"][3], "id": 999}],
+    }
+    fewshot["annotations"][2]["image_id"] = 7
+    (ds / "train" / "fewshot_train_shot1_seed3.json").write_text(json.dumps(fewshot), encoding="utf-8")
+
+    code, report = run_validate(tmp_path, "--fewshot-seeds", "3", "30", "--fewshot-k", "1")
+    assert code == 0  # the bad records are quarantined; every file keeps something
+    label = "train/fewshot_train_shot1_seed3.json"
+    assert [f for f in found(report) if f[2] == label] == [
+        ("not_in_train", E, label, "images", 1, 2),
+        ("not_in_train", E, label, "images", 2, 7),
+    ]
+    messages = [p["message"] for p in report["problems"] if p["split"] == label]
+    assert "file_name 'img0.png' differs from 'img1.png', the train split's image id 2" in messages[0]
+    assert "image id 7 is not a valid image of the train split (train/_annotations.coco.json)" in messages[1]
+    assert report["counts"][label] == {
+        "images": 3,
+        "annotations": 3,
+        "categories": 2,
+        "valid_images": 1,
+        "valid_annotations": 1,
+        "valid_categories": 2,
+        "quarantined_images": 2,
+        "quarantined_annotations": 2,  # 102 and 999 go with their images
+        "quarantined_categories": 0,
+    }
+    assert report["counts"]["train"]["valid_images"] == 4  # the split itself is untouched
+    drawn = "train/fewshot_train_shot1_seed30.json"
+    assert report["fewshot"] == {
+        label: {"source": "dataset", "images": 1, "annotations": 1},
+        drawn: {"source": "generated", "images": 2, "annotations": 2, "below_k": {}},
+    }
+
+    out = tmp_path / "out"
+    carried = read_json(out / label)
+    assert carried["images"] == [train["images"][0]] and carried["annotations"] == [train["annotations"][0]]
+    assert carried["info"] == train["info"]  # top-level keys kept
+    quarantined = read_json(out / "_quarantine" / label)
+    assert [(i["id"], i["_problems"][0]["check"]) for i in quarantined["images"]] == [
+        (2, "not_in_train"),
+        (7, "not_in_train"),
+    ]
+    assert [a["id"] for a in quarantined["annotations"]] == [102, 999]
+    generated = read_json(out / drawn)
+    assert [i["id"] for i in generated["images"]] == [1, 2]
+    assert [a["id"] for a in generated["annotations"]] == [101, 102]
+    assert generated["info"]["fewshot"] == {"k": 1, "seed": 30, "rule": generated["info"]["fewshot"]["rule"]}
+    assert f"{drawn}: not in the dataset; generated from the clean train split" in caplog.text
+
+
+def test_fewshot_files_need_a_train_split_and_a_file_without_valid_image_is_unusable(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    write_split(ds, "valid", clean_split(ds, "valid"))
+    assert run_validate(tmp_path, "--fewshot-seeds", "3") == (2, None)
+    assert (
+        "train/_annotations.coco.json: not found, but --fewshot-seeds need the train split" in capsys.readouterr().err
+    )
+
+    train = clean_split(ds, "train", n_images=2)
+    write_split(ds, "train", train)
+    only_bad = {**train, "images": [{"id": 9, "file_name": "img0.png", "width": WIDTH, "height": HEIGHT}]}
+    (ds / "train" / "fewshot_train_shot10_seed3.json").write_text(json.dumps(only_bad), encoding="utf-8")
+    code, report = run_validate(tmp_path)  # no --fewshot-seeds: the file is still checked and carried
+    assert code == 1
+    assert report["unusable_reasons"] == ["train/fewshot_train_shot10_seed3.json has no valid image (1 quarantined)"]
+    assert report["fewshot"] == {
+        "train/fewshot_train_shot10_seed3.json": {"source": "dataset", "images": 0, "annotations": 0}
+    }
