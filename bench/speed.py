@@ -1,0 +1,283 @@
+"""Speed and memory of fine-tuning: the data loader, training per freeze mode with and without the feature cache,
+peak memory and model FLOP utilisation. One JSON object per line.
+
+    python -m bench.speed --device cpu     # tiny model, 224 px, fp32 (a few minutes on 2 cores)
+    python -m bench.speed --device cuda    # the full SAM 3 (840M parameters, random weights) at 1008 px, bf16
+
+Lines, in order:
+- `peak`: the device's measured dense matmul rate (`peak_tflops`; bf16 on CUDA, fp32 on CPU), the denominator of
+  MFU. A measured peak rather than the data-sheet figure: on an H100 SXM it measures near 800 TFLOP/s in bf16
+  (the data sheet says 989).
+- `loader`: the training data path alone (`CocoPromptDataset` with the train transform over a generated dataset
+  already at the model's input size, as `preprocess` leaves it, `collate_prompts`, pinned memory on CUDA):
+  `images_per_s` for each number of `workers`, and `images_per_s_per_worker`.
+- `train`: one line per freeze mode x feature cache x batch size: `images_per_s`, `step_ms`, `peak_mem_gb`,
+  `flops_per_image`, `mfu`. Batch 1 and then doubling up to `--max-batch`, stopping at the first out-of-memory;
+  `best` is true on the fastest batch of each mode (and cache setting). The step is `sam3.engine.train_step`
+  as the trainer runs it (forward over every decoder layer, Hungarian matching, the recipe's losses, backward,
+  clipping, AdamW over the recipe's groups, fused on CUDA); the batch is synthetic (random pixels, `--prompts`
+  prompts per image, half of them with 1-3 boxes), so the loader is not in the timed loop. With the cache, the
+  step starts from the cached vision features (and, with the text encoder frozen too, cached prompt embeddings),
+  as training with `cache.enabled` does.
+- `summary`: the loader's best rate over the fastest training rate (`loader_headroom`; the target is >= 3) and the
+  cache speed-up per freeze mode.
+
+FLOPs are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` over one whole step (forward, loss
+and backward: matmuls, convolutions and attention, the operations that dominate; element-wise work is not
+counted), divided by the images in the step. MFU = flops_per_image x images_per_s / peak. Activation
+checkpointing recomputes forwards that FlopCounterMode then counts too; MFU here counts them (hardware
+utilisation), so compare `flops_per_image` between lines to see the recompute.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated, reset before each line. On CPU, the process's peak resident
+set size, which never goes down: a later line includes what earlier ones used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.cache import CACHE_FREEZE_MODES, feature_batch
+from bench.train_step import GRAD_CLIP, synthetic_batch
+from pipeline.shapes_data import build_shapes_dataset
+from sam3.data import CocoPromptDataset, collate_prompts
+from sam3.engine import train_step
+from sam3.features import CachedDetector
+from sam3.freeze import FREEZE_MODES, apply_freeze, freezes_text
+from sam3.losses import Criterion
+from sam3.memory import enable_activation_checkpointing, peak_memory_gb
+from sam3.model import load_model, parameters_without_text_gradients
+from sam3.optim import OptimConfig, build_optimizer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured_peak_tflops(device: torch.device, seconds: float = 2.0) -> float:
+    """Dense matmul TFLOP/s: square bf16 matmuls (n = 8192) on CUDA, fp32 (n = 1024) on CPU, for ~`seconds`."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(10):
+            a @ b
+        _sync(device)
+        count += 10
+    return 2 * n**3 * count / (time.perf_counter() - started) / 1e12
+
+
+def loader_lines(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Images/s of the training data path per number of workers (see the module docstring)."""
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        build_shapes_dataset(tmp, n=args.loader_images, seed=0, image_size=args.image_size, n_valid=1, n_test=1)
+        dataset = CocoPromptDataset(tmp, "train", image_size=args.image_size, train=True)
+        for workers in args.workers:
+            loader = DataLoader(
+                dataset,
+                batch_size=args.loader_batch,
+                shuffle=True,
+                num_workers=workers,
+                collate_fn=collate_prompts,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
+            started = time.perf_counter()  # worker start-up included: it is paid once per epoch
+            images = sum(batch.pixel_values.shape[0] for batch in loader)
+            rate = images / (time.perf_counter() - started)
+            lines.append(
+                {
+                    "what": "loader",
+                    "workers": workers,
+                    "batch": args.loader_batch,
+                    "image_size": args.image_size,
+                    "images_per_s": round(rate, 2),
+                    "images_per_s_per_worker": round(rate / max(1, workers), 2),
+                }
+            )
+    return lines
+
+
+def count_step_flops(model, criterion, optimizer, batch, device, args) -> float:
+    """FLOPs of one training step (forward, loss, backward) under FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        _step(model, criterion, optimizer, batch, device, args)
+    return float(counter.get_total_flops())
+
+
+def _step(model, criterion, optimizer, batch, device, args):
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    result = train_step(
+        model,
+        criterion,
+        optimizer,
+        [batch],
+        device=device,
+        with_masks=args.with_masks,
+        amp_dtype=amp_dtype,
+        grad_clip=GRAD_CLIP,
+    )
+    if not result.finite:
+        raise SystemExit(f"the loss is not finite ({float(result.loss)})")
+    return result
+
+
+def train_line(detector, freeze: str, cached: bool, batch_size: int, args, device, peak_tflops: float) -> dict:
+    """One `train` line: freeze, optimiser, warm-up, timed steps, FLOPs and peak memory.
+
+    `cached`: the step reads the vision encoder's 1x FPN level (and, with the text encoder frozen, the prompt
+    embeddings) in fp16 as the feature cache stores them (bench.cache.feature_batch), through `CachedDetector`.
+    """
+    model = detector.model
+    apply_freeze(model, freeze, also_freeze=parameters_without_text_gradients(detector, with_masks=args.with_masks))
+    if args.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model.zero_grad(set_to_none=True)
+    optimizer = build_optimizer(model, OptimConfig(), model.config.vision_config.backbone_config.num_hidden_layers)
+    criterion = Criterion(with_masks=args.with_masks)
+    batch = synthetic_batch(batch_size, args.image_size, args.prompts, args.with_masks).to(device)
+    step_model = detector
+    if cached:
+        batch = feature_batch(detector, batch, with_text=freezes_text(freeze))
+        step_model = CachedDetector(detector)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for _ in range(args.warmup):
+            _step(step_model, criterion, optimizer, batch, device, args)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            _step(step_model, criterion, optimizer, batch, device, args)
+        _sync(device)
+        seconds = (time.perf_counter() - started) / args.steps
+        flops = count_step_flops(step_model, criterion, optimizer, batch, device, args) / batch_size
+    finally:
+        optimizer.state.clear()  # free the AdamW moments before the next line builds its own optimiser
+        model.zero_grad(set_to_none=True)
+    rate = batch_size / seconds
+    return {
+        "what": "train",
+        "model": args.model,
+        "device": device.type,
+        "image_size": args.image_size,
+        "freeze": freeze,
+        "cache": cached,
+        "batch": batch_size,
+        "prompts": args.prompts,
+        "activation_checkpointing": args.activation_checkpointing,
+        "images_per_s": round(rate, 3),
+        "step_ms": round(seconds * 1000, 2),
+        "peak_mem_gb": round(peak_memory_gb(device), 3),
+        "flops_per_image": round(flops),
+        "mfu": round(flops * rate / (peak_tflops * 1e12), 4),
+    }
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    sizes, size = [], 1
+    while size <= max_batch:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+def mode_lines(detector, freeze: str, cached: bool, args, device, peak_tflops: float) -> list[dict]:
+    """Batch 1, 2, 4, ... up to --max-batch or the first out-of-memory; the fastest is marked `best`."""
+    lines = []
+    for size in batch_sizes(args.max_batch):
+        try:
+            line = train_line(detector, freeze, cached, size, args, device, peak_tflops)
+        except torch.cuda.OutOfMemoryError:
+            lines.append({"what": "train", "freeze": freeze, "cache": cached, "batch": size, "out_of_memory": True})
+            torch.cuda.empty_cache()
+            break
+        lines.append(line)
+    timed = [line for line in lines if "images_per_s" in line]
+    for line in timed:
+        line["best"] = line is max(timed, key=lambda t: t["images_per_s"])
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", choices=("tiny", "full"), help="default: tiny on CPU, full on CUDA")
+    parser.add_argument("--image-size", type=int, help="default: 224 for tiny, 1008 for full")
+    parser.add_argument("--freeze", nargs="+", choices=FREEZE_MODES, default=list(FREEZE_MODES))
+    parser.add_argument("--max-batch", type=int, help="largest batch tried (default: 8 on CPU, 32 on CUDA)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per image (default: 4)")
+    parser.add_argument("--with-masks", action="store_true", help="segmentation mode: mask decoder and mask losses")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the trainable encoders")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
+    parser.add_argument("--workers", type=int, nargs="+", help="loader workers to try (default: 0 1 2 on CPU)")
+    parser.add_argument("--loader-images", type=int, help="images in the loader's dataset (default: 64 / 256)")
+    parser.add_argument("--loader-batch", type=int, default=4)
+    parser.add_argument("--skip-loader", action="store_true")
+    parser.add_argument("--no-cache", action="store_true", help="skip the feature-cache lines")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if cuda else "cpu")
+    args.model = args.model or ("full" if cuda else "tiny")
+    args.image_size = args.image_size or (1008 if args.model == "full" else 224)
+    args.max_batch = args.max_batch or (32 if cuda else 8)
+    args.workers = args.workers or ([0, 2, 4, 8, 12] if cuda else [0, 1, 2])
+    args.loader_images = args.loader_images or (256 if cuda else 64)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's default train.tf32
+    torch.backends.cudnn.allow_tf32 = True
+
+    peak = measured_peak_tflops(device)
+    print(json.dumps({"what": "peak", "device": device.type, "peak_tflops": round(peak, 2)}), flush=True)
+    loader = [] if args.skip_loader else loader_lines(args, device)
+    for line in loader:
+        print(json.dumps(line), flush=True)
+
+    with device:  # the full model's 840M random weights are drawn on the GPU directly: minutes faster than on CPU
+        detector = load_model(args.model, image_size=args.image_size)
+    detector.to(device).train()
+    trained = []
+    for freeze in args.freeze:
+        for cached in [False, True] if freeze in CACHE_FREEZE_MODES and not args.no_cache else [False]:
+            trained += mode_lines(detector, freeze, cached, args, device, peak)
+    best_train = max((line["images_per_s"] for line in trained if "images_per_s" in line), default=None)
+    best_loader = max((line["images_per_s"] for line in loader), default=None)
+    summary = {"what": "summary", "best_train_images_per_s": best_train, "best_loader_images_per_s": best_loader}
+    if best_train and best_loader:
+        summary["loader_headroom"] = round(best_loader / best_train, 2)
+    for freeze in args.freeze:  # the cache's speed-up: best images/s from the cache over best from pixels
+        best = {
+            cached: max(
+                (
+                    t["images_per_s"]
+                    for t in trained
+                    if t["freeze"] == freeze and t.get("cache") == cached and "images_per_s" in t
+                ),
+                default=None,
+            )
+            for cached in (False, True)
+        }
+        if best[False] and best[True]:
+            summary[f"cache_speedup_{freeze}"] = round(best[True] / best[False], 2)
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
