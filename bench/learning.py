@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: the recipe's 1e-3)")
     parser.add_argument("--augment", action="store_true", help="the reference's random warp + pad train transform")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,7 +79,7 @@ def main() -> None:
         )
         sampler = ResumableSampler(len(dataset), seed=args.seed)
         criterion = Criterion(class_loss="focal")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
         budget = args.minutes * 60
         total_steps, step, started, epoch = None, 0, time.perf_counter(), 0
         while time.perf_counter() - started < budget:
@@ -95,7 +96,7 @@ def main() -> None:
                 warm = min(1.0, (step + 1) / WARMUP)
                 cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - WARMUP) / (horizon - WARMUP))))
                 for group in optimizer.param_groups:
-                    group["lr"] = 1e-3 * warm * cosine
+                    group["lr"] = args.lr * warm * cosine
                 result = train_step(model, criterion, optimizer, [batch], device=torch.device("cpu"), grad_clip=1.0)
                 step += 1
                 if step % 100 == 0:
@@ -117,6 +118,7 @@ def main() -> None:
                 "threads": args.threads,
                 "seed": args.seed,
                 "augment": args.augment,
+                "lr": args.lr,
             }
         )
     )
