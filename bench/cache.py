@@ -49,12 +49,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Sam3Config, Sam3Model
 
-from bench.train_step import GRAD_CLIP, PHRASES, peak_memory_gb, synthetic_batch
+from bench.train_step import PHRASES, bench_step, sync, synthetic_batch
 from sam3.batch import PromptBatch
-from sam3.engine import train_step
 from sam3.features import CachedDetector, FeatureBatch
 from sam3.freeze import apply_freeze, freezes_text
 from sam3.losses import Criterion
+from sam3.memory import peak_memory_gb
 from sam3.model import Sam3Detector, parameters_without_text_gradients, set_image_size, tiny_config
 from sam3.optim import OptimConfig, build_optimizer
 
@@ -117,25 +117,20 @@ def measure(config_name: str, freeze: str, cached: bool, args: argparse.Namespac
         batch = feature_batch(detector, batch, with_text=freezes_text(freeze))
         model = CachedDetector(detector)
     criterion = Criterion(with_masks=False)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> None:
-        result = train_step(
-            model, criterion, optimizer, [batch], device=device, amp_dtype=amp_dtype, grad_clip=GRAD_CLIP
-        )
-        if not result.finite:
-            raise SystemExit(f"{config_name} freeze {freeze}: the loss is not finite ({float(result.loss)})")
+        bench_step(model, criterion, optimizer, batch, device, label=f"{config_name} freeze {freeze}")
 
     for _ in range(args.warmup):
         step()
     times = []
     for _ in range(args.steps):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - started)
     # the fastest step (timeit's rule): the slower ones were slowed by other processes, not by the step
     seconds = min(times)
@@ -154,11 +149,6 @@ def measure(config_name: str, freeze: str, cached: bool, args: argparse.Namespac
         "gflop_per_step": round(flops.get_total_flops() / 1e9, 2),
         "peak_mem_gb": round(peak_memory_gb(device), 3),
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _measure_in_child(job: tuple) -> dict:

@@ -44,21 +44,15 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cache import CACHE_FREEZE_MODES, feature_batch
-from bench.train_step import GRAD_CLIP, synthetic_batch
+from bench.train_step import bench_step, sync, synthetic_batch
 from pipeline.shapes_data import build_shapes_dataset
 from sam3.data import CocoPromptDataset, collate_prompts
-from sam3.engine import train_step
 from sam3.features import CachedDetector
 from sam3.freeze import FREEZE_MODES, apply_freeze, freezes_text
 from sam3.losses import Criterion
 from sam3.memory import enable_activation_checkpointing, peak_memory_gb
 from sam3.model import load_model, parameters_without_text_gradients
 from sam3.optim import OptimConfig, build_optimizer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measured_peak_tflops(device: torch.device, seconds: float = 2.0) -> float:
@@ -68,12 +62,12 @@ def measured_peak_tflops(device: torch.device, seconds: float = 2.0) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         for _ in range(10):
             a @ b
-        _sync(device)
+        sync(device)
         count += 10
     return 2 * n**3 * count / (time.perf_counter() - started) / 1e12
 
@@ -113,25 +107,8 @@ def loader_lines(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def count_step_flops(model, criterion, optimizer, batch, device, args) -> float:
     """FLOPs of one training step (forward, loss, backward) under FlopCounterMode."""
     with FlopCounterMode(display=False) as counter:
-        _step(model, criterion, optimizer, batch, device, args)
+        bench_step(model, criterion, optimizer, batch, device, args.with_masks)
     return float(counter.get_total_flops())
-
-
-def _step(model, criterion, optimizer, batch, device, args):
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    result = train_step(
-        model,
-        criterion,
-        optimizer,
-        [batch],
-        device=device,
-        with_masks=args.with_masks,
-        amp_dtype=amp_dtype,
-        grad_clip=GRAD_CLIP,
-    )
-    if not result.finite:
-        raise SystemExit(f"the loss is not finite ({float(result.loss)})")
-    return result
 
 
 def train_line(detector, freeze: str, cached: bool, batch_size: int, args, device, peak_tflops: float) -> dict:
@@ -157,12 +134,12 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
         torch.cuda.reset_peak_memory_stats(device)
     try:
         for _ in range(args.warmup):
-            _step(step_model, criterion, optimizer, batch, device, args)
-        _sync(device)
+            bench_step(step_model, criterion, optimizer, batch, device, args.with_masks)
+        sync(device)
         started = time.perf_counter()
         for _ in range(args.steps):
-            _step(step_model, criterion, optimizer, batch, device, args)
-        _sync(device)
+            bench_step(step_model, criterion, optimizer, batch, device, args.with_masks)
+        sync(device)
         seconds = (time.perf_counter() - started) / args.steps
         flops = count_step_flops(step_model, criterion, optimizer, batch, device, args) / batch_size
     finally:

@@ -73,26 +73,14 @@ def measure(detector, batch, freeze: str, args: argparse.Namespace, device: torc
     model.zero_grad(set_to_none=True)
     optimizer = build_optimizer(model, OptimConfig(), model.config.vision_config.backbone_config.num_hidden_layers)
     criterion = Criterion(with_masks=args.with_masks)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
     def run(count: int) -> None:
         for _ in range(count):
-            result = train_step(
-                detector,
-                criterion,
-                optimizer,
-                [batch],
-                device=device,
-                with_masks=args.with_masks,
-                amp_dtype=amp_dtype,
-                grad_clip=GRAD_CLIP,
-            )
-            if not result.finite:
-                raise SystemExit(f"freeze {freeze}: the loss is not finite ({float(result.loss)})")
-        _sync(device)
+            bench_step(detector, criterion, optimizer, batch, device, args.with_masks, label=f"freeze {freeze}")
+        sync(device)
 
     run(args.warmup)
     started = time.perf_counter()
@@ -114,7 +102,27 @@ def measure(detector, batch, freeze: str, args: argparse.Namespace, device: torc
     return line
 
 
-def _sync(device: torch.device) -> None:
+def bench_step(model, criterion, optimizer, batch, device: torch.device, with_masks: bool = False, label: str = ""):
+    """One `sam3.engine.train_step` as the trainer runs it (bf16 autocast on CUDA, fp32 on CPU, clipping at
+    GRAD_CLIP); a non-finite loss ends the benchmark (SystemExit naming `label`). Returns the StepResult."""
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    result = train_step(
+        model,
+        criterion,
+        optimizer,
+        [batch],
+        device=device,
+        with_masks=with_masks,
+        amp_dtype=amp_dtype,
+        grad_clip=GRAD_CLIP,
+    )
+    if not result.finite:
+        raise SystemExit(f"{label + ': ' if label else ''}the loss is not finite ({float(result.loss)})")
+    return result
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work (timing); nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

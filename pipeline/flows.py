@@ -776,26 +776,27 @@ def deployments() -> list[RunnerDeployment]:
     # MODULE_PATH: a flow run finds the flow by import, whatever its working directory. paused=False: serving
     # resumes the schedule that stopping the server paused (prefect.serve pauses on shutdown).
     common = dict(entrypoint_type=EntrypointType.MODULE_PATH, paused=False)
+    rf100_root, odinw_root = default_params("rf100vl").root, default_params("odinw13").root
     return [
         finetune.to_deployment(
             "demo", description="DVC path on params.yaml's dataset (the demo)", parameters={}, **common
         ),
         finetune.to_deployment(
             "rf100",
-            description=f"RF100-VL: every dataset under {default_params('rf100vl').root}, recipe settings",
+            description=f"RF100-VL: every dataset under {rf100_root}, recipe settings",
             parameters={
                 "suite": "rf100vl",
-                "dataset_root": default_params("rf100vl").root,
+                "dataset_root": rf100_root,
                 "overrides": RF100_OVERRIDES,
             },
             **common,
         ),
         finetune.to_deployment(
             "odinw13",
-            description=f"ODinW13 10-shot: datasets under {default_params('odinw13').root}, seeds 3, 30, 300",
+            description=f"ODinW13 10-shot: datasets under {odinw_root}, seeds 3, 30, 300",
             parameters={
                 "suite": "odinw13",
-                "dataset_root": default_params("odinw13").root,
+                "dataset_root": odinw_root,
                 "seeds": list(ODINW13_SEEDS),
                 "overrides": ODINW13_OVERRIDES,
             },
