@@ -91,7 +91,7 @@ def build_config(name: str, image_size: int | None = None) -> Sam3Config:
 def feature_batch(detector: Sam3Detector, batch: PromptBatch, with_text: bool) -> FeatureBatch:
     """`batch` as the cache serves it: the 1x FPN level (detection) in fp16, prompt embeddings in fp16 or None."""
     with torch.no_grad():
-        levels = detector.encode_images(batch.pixel_values).levels[-1:]
+        levels = detector.encode_images(batch.pixel_values, levels=1).levels
         tokens = detector.encode_prompts(batch.input_ids, batch.attention_mask).tokens if with_text else None
     plain = {f.name: getattr(batch, f.name) for f in fields(PromptBatch)}
     plain["pixel_values"] = batch.pixel_values.new_empty(batch.pixel_values.shape[0], 0)

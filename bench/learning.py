@@ -63,6 +63,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: the recipe's 1e-3)")
     parser.add_argument("--augment", action="store_true", help="the reference's random warp + pad train transform")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also measure held-out AP50 every STEPS steps (stderr and `curve`; not counted in the time budget)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -79,9 +86,11 @@ def main() -> None:
         )
         sampler = ResumableSampler(len(dataset), seed=args.seed)
         criterion = Criterion(class_loss="focal")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        # fused: one kernel for all parameters, as sam3.optim.build_optimizer uses (4x faster on the CPU)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=True)
         budget = args.minutes * 60
         total_steps, step, started, epoch = None, 0, time.perf_counter(), 0
+        curve: list[dict] = []
         while time.perf_counter() - started < budget:
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
@@ -102,6 +111,12 @@ def main() -> None:
                 if step % 100 == 0:
                     terms = " ".join(f"{k}={float(v):.3f}" for k, v in result.terms.items() if not k[-1].isdigit())
                     print(f"step {step} {elapsed:.0f}s loss={float(result.loss):.3f} {terms}", file=sys.stderr)
+                if args.eval_every and step % args.eval_every == 0:
+                    paused = time.perf_counter()
+                    ap50 = held_out_ap50(model, data)
+                    curve.append({"step": step, "seconds": round(paused - started, 1), "ap50": round(ap50, 4)})
+                    print(f"step {step} held-out AP50 {ap50:.4f}", file=sys.stderr)
+                    started += time.perf_counter() - paused  # evaluation time is not training time
             epoch += 1
         seconds = time.perf_counter() - started
         after = held_out_ap50(model, data)
@@ -119,6 +134,7 @@ def main() -> None:
                 "seed": args.seed,
                 "augment": args.augment,
                 "lr": args.lr,
+                "curve": curve,
             }
         )
     )

@@ -15,7 +15,7 @@ Lines, in order:
   `flops_per_image`, `mfu`. Batch 1 and then doubling up to `--max-batch`, stopping at the first out-of-memory;
   `best` is true on the fastest batch of each mode (and cache setting). The step is `sam3.engine.train_step`
   as the trainer runs it (forward over every decoder layer, Hungarian matching, the recipe's losses, backward,
-  clipping, AdamW over the recipe's groups, fused on CUDA); the batch is synthetic (random pixels, `--prompts`
+  clipping, AdamW over the recipe's groups, fused); the batch is synthetic (random pixels, `--prompts`
   prompts per image, half of them with 1-3 boxes), so the loader is not in the timed loop. With the cache, the
   step starts from the cached vision features (and, with the text encoder frozen too, cached prompt embeddings),
   as training with `cache.enabled` does.

@@ -261,7 +261,7 @@ def phrase_scores(model: Sam3Detector, image: torch.Tensor, phrases: list[str]) 
     device = next(model.parameters()).device
     scores: list[float] = []
     with torch.inference_mode():
-        features = model.encode_images(image.unsqueeze(0).to(device))
+        features = model.encode_images(image.unsqueeze(0).to(device), levels=1)  # detection only
         for start in range(0, len(phrases), MINE_PROMPT_CHUNK):
             ids = tokenize(phrases[start : start + MINE_PROMPT_CHUNK])
             prompts = model.encode_prompts(ids.to(device), attention_mask(ids).to(device))

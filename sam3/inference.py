@@ -188,7 +188,7 @@ def top_detections(
     num_images, num_prompts = pixel_values.shape[0], prompts.tokens.shape[0]
     if num_prompts == 0:
         raise ConfigError("no prompts: give at least one text prompt")
-    images = detector.encode_images(pixel_values)
+    images = detector.encode_images(pixel_values, levels=None if with_masks else 1)
     device = pixel_values.device
     best: list[TopDetections | None] = [None] * num_images
     for start in range(0, num_prompts, prompt_chunk):

