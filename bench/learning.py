@@ -2,9 +2,11 @@
 
     python -m bench.learning                      # 2,000 training / 100 held-out images, 10 minutes of training
     python -m bench.learning --minutes 2 --n-train 400
+    python -m bench.learning --minutes 30 --eval-every 1000     # the held-out AP50 curve as training goes on
 
 Prints one JSON object: ap50_before, ap50_after (pycocotools through sam3.evaluation.score on the held-out test
-split, model inference as `sam3.inference.predict_dataset`), seconds (training wall time), steps, and settings.
+split, model inference as `sam3.inference.predict_dataset`), seconds (training wall time), steps, settings, and
+`curve`: held-out AP50 every --eval-every steps (evaluation time is not counted in the budget).
 
 Settings are the recipe's from-scratch ones (SAM3_RECIPE section 1), not the fine-tuning recipe: hidden 64 tiny
 config with initializer_range 0.1 (our "tiny"), AdamW lr 1e-3 and weight decay 1e-4, 200 warm-up steps then

@@ -85,10 +85,9 @@ def check_params(params: Params) -> None:
     """Value checks that types alone cannot express; ConfigError names the key."""
     from sam3.config import AMP_CHOICES, CACHE_DTYPES, TRAIN_MODES
     from sam3.errors import ConfigError
-    from sam3.freeze import FREEZE_MODES, freezes_vision
+    from sam3.freeze import FREEZE_MODES, cache_freeze_problem
 
-    vision_frozen = params.train.freeze in FREEZE_MODES and freezes_vision(params.train.freeze)
-    frozen_modes = ", ".join(m for m in FREEZE_MODES if freezes_vision(m))
+    cache_problem = cache_freeze_problem(params.train.freeze) if params.cache.enabled else None
 
     checks = [
         (params.train.freeze in FREEZE_MODES, f"train.freeze must be one of {', '.join(FREEZE_MODES)}"),
@@ -103,11 +102,7 @@ def check_params(params: Params) -> None:
         (params.launcher.nodes >= 1 and params.launcher.gpus_per_node >= 1, "launcher.nodes/gpus_per_node >= 1"),
         (params.cache.views >= 1, "cache.views must be >= 1 (1: the plain warp only, no augmentation)"),
         (params.cache.dtype in CACHE_DTYPES, f"cache.dtype must be one of {', '.join(CACHE_DTYPES)}"),
-        (
-            not params.cache.enabled or vision_frozen,
-            f"cache.enabled needs a frozen vision encoder (cached features would go stale as it trains): "
-            f"set train.freeze to one of {frozen_modes} (it is {params.train.freeze!r}), or cache.enabled false",
-        ),
+        (cache_problem is None, cache_problem),
         (
             not (params.cache.enabled and params.launcher.kind == "slurm"),
             "cache.enabled with launcher.kind slurm is not supported yet: train from pixels (cache.enabled false)",

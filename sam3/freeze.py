@@ -52,6 +52,21 @@ def freezes_vision(mode: str) -> bool:
     return "vision_encoder." in _prefixes(mode)
 
 
+def cache_freeze_problem(mode: str) -> str | None:
+    """Why a feature cache cannot serve training with `train.freeze` = `mode`, or None when it can.
+
+    The cache holds the vision encoder's outputs, so the encoder must not train (`freezes_vision`). One message
+    for the early params check (`python -m pipeline train --dry-run`) and the library's own guard.
+    """
+    if mode in FREEZE_MODES and freezes_vision(mode):
+        return None
+    frozen = ", ".join(m for m in FREEZE_MODES if freezes_vision(m))
+    return (
+        f"cache.enabled needs a frozen vision encoder, but train.freeze is {mode!r}: cached features would go stale "
+        f"as the encoder trains; set train.freeze to one of {frozen}, or cache.enabled false"
+    )
+
+
 def freezes_text(mode: str) -> bool:
     """Whether `mode` freezes the text encoder and its projection, so prompt embeddings can be cached."""
     return {"text_encoder.", "text_projection."} <= set(_prefixes(mode))

@@ -35,7 +35,7 @@ from sam3.errors import ConfigError
 from sam3.features.build import dataset_prompts
 from sam3.features.key import cache_key, stored_levels, training_mismatches
 from sam3.features.store import FeatureStore, read_manifest
-from sam3.freeze import FREEZE_MODES, freezes_text, freezes_vision
+from sam3.freeze import cache_freeze_problem, freezes_text
 from sam3.model import PromptFeatures, Sam3Detector
 from sam3.tokenizer import clean_text
 
@@ -169,12 +169,9 @@ def open_training_cache(
     stale), when the folder holds no enabled cache, when its key does not serve the run (each differing field
     named) or when a prompt of the run has no cached embedding while the text encoder is frozen.
     """
-    if freeze not in FREEZE_MODES or not freezes_vision(freeze):
-        frozen = ", ".join(m for m in FREEZE_MODES if freezes_vision(m))
-        raise ConfigError(
-            f"cache.enabled needs a frozen vision encoder, but train.freeze is {freeze!r}: cached features would "
-            f"go stale as the encoder trains; set train.freeze to one of {frozen}, or cache.enabled false"
-        )
+    problem = cache_freeze_problem(freeze)
+    if problem:
+        raise ConfigError(problem)
     if folder is None:
         raise ConfigError("cache.enabled is true but no feature cache folder was given (train --feature-cache DIR)")
     folder = Path(folder)

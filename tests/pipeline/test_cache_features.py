@@ -94,7 +94,7 @@ def test_mistakes_exit_2_with_one_line(shapes, tmp_path, capsys):
     train = ["train", "--params", str(params), "--run-dir", str(tmp_path / "run"), "--dataset", str(shapes)]
     assert main([*train, "--set", "train.freeze=none", "--dry-run"]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "cache.enabled needs a frozen vision encoder" in line and "(it is 'none')" in line
+    assert "cache.enabled needs a frozen vision encoder, but train.freeze is 'none'" in line
 
 
 def test_cache_then_train_from_it_as_the_dvc_stages_do(shapes, tmp_path, capsys):
