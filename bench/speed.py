@@ -9,8 +9,9 @@ Lines, in order:
   MFU. A measured peak rather than the data-sheet figure: on an H100 SXM it measures near 800 TFLOP/s in bf16
   (the data sheet says 989).
 - `loader`: the training data path alone (`CocoPromptDataset` with the train transform over a generated dataset
-  already at the model's input size, as `preprocess` leaves it, `collate_prompts`, pinned memory on CUDA):
-  `images_per_s` for each number of `workers`, and `images_per_s_per_worker`.
+  already at the model's input size, as `preprocess` leaves it, `collate_prompts`, pinned memory on CUDA, the
+  trainer's epoch keys and persistent workers): `images_per_s` for each number of `workers` over the second epoch
+  (the first, untimed, starts the workers, which the trainer does once per run), and `images_per_s_per_worker`.
 - `train`: one line per freeze mode x feature cache x batch size: `images_per_s`, `step_ms`, `peak_mem_gb`,
   `flops_per_image`, `mfu`. Batch 1 and then doubling up to `--max-batch`, stopping at the first out-of-memory;
   `best` is true on the fastest batch of each mode (and cache setting). The step is `sam3.engine.train_step`
@@ -20,8 +21,7 @@ Lines, in order:
   step starts from the cached vision features (and, with the text encoder frozen too, cached prompt embeddings),
   as training with `cache.enabled` does.
 - `summary`: the loader's best rate over the fastest training rate from pixels (`loader_headroom`; the target is
-  >= 3; cached steps read no pixels) and the cache speed-up per freeze mode. The loader lines include the workers'
-  start-up, which the trainer pays once per epoch.
+  >= 3; cached steps read no pixels) and the cache speed-up per freeze mode.
 
 FLOPs are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` over one whole step (forward, loss
 and backward: matmuls, convolutions and attention, the operations that dominate; element-wise work is not
@@ -48,6 +48,7 @@ from bench.cache import CACHE_FREEZE_MODES, feature_batch
 from bench.train_step import bench_step, sync, synthetic_batch
 from pipeline.shapes_data import build_shapes_dataset
 from sam3.data import CocoPromptDataset, collate_prompts
+from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.features import CachedDetector
 from sam3.freeze import FREEZE_MODES, apply_freeze, freezes_text
 from sam3.losses import Criterion
@@ -78,18 +79,23 @@ def loader_lines(args: argparse.Namespace, device: torch.device) -> list[dict]:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         build_shapes_dataset(tmp, n=args.loader_images, seed=0, image_size=args.image_size, n_valid=1, n_test=1)
-        dataset = CocoPromptDataset(tmp, "train", image_size=args.image_size, train=True)
+        dataset = EpochKeyed(CocoPromptDataset(tmp, "train", image_size=args.image_size, train=True))
         for workers in args.workers:
+            # as the trainer loads: (epoch, index) keys, workers started once per run (persistent)
+            sampler = ResumableSampler(len(dataset), with_epoch=True)
             loader = DataLoader(
                 dataset,
                 batch_size=args.loader_batch,
-                shuffle=True,
+                sampler=sampler,
                 num_workers=workers,
                 collate_fn=collate_prompts,
                 pin_memory=device.type == "cuda",
-                persistent_workers=False,
+                persistent_workers=workers > 0,
             )
-            started = time.perf_counter()  # worker start-up included: it is paid once per epoch
+            for _batch in loader:  # epoch 0, untimed: the workers' start-up, paid once per run
+                pass
+            sampler.set_epoch(1)
+            started = time.perf_counter()
             images = sum(batch.pixel_values.shape[0] for batch in loader)
             rate = images / (time.perf_counter() - started)
             lines.append(

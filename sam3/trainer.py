@@ -41,7 +41,7 @@ from sam3.compiling import compile_vit_blocks
 from sam3.config import DDPConfig, TrainJob
 from sam3.data.collate import collate_prompts
 from sam3.data.dataset import CocoPromptDataset
-from sam3.data.sampler import ResumableSampler
+from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.distributed import DistInfo, barrier, init_distributed
 from sam3.engine import train_step
 from sam3.errors import ConfigError
@@ -127,8 +127,10 @@ def train(job: TrainJob) -> Path:
         )
         collate = dataset.collate
     indices = _subset(len(dataset), loop.subset_images, loop.seed)
-    train_set = torch.utils.data.Subset(dataset, indices) if indices is not None else dataset
-    sampler = ResumableSampler(len(train_set), loop.seed, True, dist_info.rank, dist_info.world_size)
+    # (epoch, index) keys: one DataLoader for the whole run whose workers start once, not once per epoch (a
+    # 40-image few-shot set on 2 CPU workers: 8.6 -> 59 images/s), and still draw each epoch's augmentation
+    train_set = EpochKeyed(dataset, indices)
+    sampler = ResumableSampler(len(train_set), loop.seed, True, dist_info.rank, dist_info.world_size, with_epoch=True)
     micro_per_epoch = math.ceil(sampler.per_rank / loop.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // loop.accumulation)
     total_steps = loop.max_steps or steps_per_epoch * loop.epochs
@@ -177,21 +179,21 @@ def train(job: TrainJob) -> Path:
     validate_every = loop.val_every_epochs if loop.mode == "train" else 0
 
     model = _wrap_ddp(CachedDetector(detector) if job.cache.enabled else detector, job.ddp, dist_info)
+    loader = DataLoader(
+        train_set,
+        batch_size=loop.batch_size,
+        sampler=sampler,  # iterated anew each epoch after set_epoch
+        collate_fn=collate,
+        num_workers=loop.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=loop.num_workers > 0,
+    )
     progress = _progress(total_steps, state.step, dist_info)
     started, images_seen = time.perf_counter(), 0
     try:  # close the bar and the logs on any exit, so an error message starts on a line of its own
         while state.step < total_steps:
             epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
-            dataset.set_epoch(epoch)
             sampler.set_epoch(epoch, start=step_in_epoch * loop.accumulation * loop.batch_size)
-            loader = DataLoader(
-                train_set,
-                batch_size=loop.batch_size,
-                sampler=sampler,
-                collate_fn=collate,
-                num_workers=loop.num_workers,
-                pin_memory=device.type == "cuda",
-            )
             micro: list = []
             rolled_back = False
             for batch in loader:

@@ -21,8 +21,9 @@ and the image id. It is never replaced by another sample.
 
 Randomness (the training warp, then the choice of negatives when `num_negatives` is set) comes from a torch.Generator
 seeded from (seed, epoch, index), so a sample depends on nothing else: not the worker count, not the order of access.
-Call `set_epoch(epoch)` before each epoch. With DataLoader(persistent_workers=True) the workers keep the epoch they
-were started with, so leave persistent_workers off (its default) when relying on `set_epoch`.
+Call `set_epoch(epoch)` before each epoch, or wrap the dataset in `EpochKeyed` and index it with (epoch, index)
+keys (`ResumableSampler(with_epoch=True)`): DataLoader(persistent_workers=True) workers keep the dataset copy, and
+so the epoch, they were started with, while a key carries its epoch with it.
 """
 
 from __future__ import annotations
@@ -206,8 +207,12 @@ class CocoPromptDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> PromptSample:
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int) -> PromptSample:
+        """Sample `index` as drawn in `epoch` (what `__getitem__` returns after `set_epoch(epoch)`)."""
         # The warp is drawn before the negatives: a cached view (sam3.features) takes the warp draw's place.
-        generator = sample_generator(self.seed, self.epoch, index)
+        generator = sample_generator(self.seed, epoch, index)
         geometry = sample_train_warp_pad(self.image_size, generator) if self.train else None
         out = self.warp(index, geometry)
         record = self.records[index]

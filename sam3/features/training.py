@@ -108,8 +108,12 @@ class CachedPromptDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> FeatureSample:
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int) -> FeatureSample:
+        """Sample `index` as drawn in `epoch` (see `CocoPromptDataset.sample`)."""
         record = self.dataset.records[index]
-        generator = sample_generator(self.dataset.seed, self.epoch, index)
+        generator = sample_generator(self.dataset.seed, epoch, index)
         view = int(torch.randint(self.views, (1,), generator=generator)) if self.views > 1 else 0
         levels, boxes, masks = self.store.read(
             self.dataset.split, record.image_id, view, self.levels, self.dataset.with_masks

@@ -26,6 +26,7 @@ from sam3.data import (
     train_transform,
     val_transform,
 )
+from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.errors import DataError
 from tests.sam3.tiny_coco import Ann, Img, write_split, write_standard
 
@@ -281,6 +282,38 @@ def test_train_samples_reproducible_per_seed_and_epoch_whatever_the_workers(tmp_
     loader = DataLoader(second, batch_size=None, num_workers=2, collate_fn=identity, multiprocessing_context="spawn")
     loaded = list(loader)
     assert all(torch.equal(s.image, x) for s, x in zip(loaded, epoch1, strict=True))
+
+
+def test_persistent_workers_draw_each_epoch_from_epoch_keys(tmp_path):
+    # The trainer's loader: one DataLoader for the run, workers started once (persistent), the epoch carried by
+    # each (epoch, index) key. Every sample equals the dataset's own draw for that epoch, and epochs differ.
+    root = write_standard(tmp_path)
+    dataset = CocoPromptDataset(root, "train", image_size=S, seed=7)
+    keyed = EpochKeyed(dataset, indices=[2, 0])  # a subset, as train.subset_images makes
+    sampler = ResumableSampler(len(keyed), seed=1, with_epoch=True)
+    loader = DataLoader(
+        keyed,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=2,
+        collate_fn=identity,
+        persistent_workers=True,
+        multiprocessing_context="spawn",  # see test_train_samples_reproducible_per_seed_and_epoch_whatever_the_workers
+    )
+    seen = {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        for (key_epoch, index), sample in zip(list(sampler), loader, strict=True):
+            expected = dataset.sample([2, 0][index], key_epoch)
+            assert sample.image_id == expected.image_id
+            assert torch.equal(sample.image, expected.image)
+            dataset.set_epoch(key_epoch)  # the same as the set_epoch way of drawing
+            assert torch.equal(dataset[[2, 0][index]].image, sample.image)
+            seen[epoch, sample.image_id] = sample.image
+    assert sorted(seen) == sorted((e, dataset.records[i].image_id) for e in (0, 1) for i in (2, 0))
+    for i in (2, 0):
+        image_id = dataset.records[i].image_id
+        assert not torch.equal(seen[0, image_id], seen[1, image_id])  # each epoch its own warp
 
 
 def test_validation_samples_do_not_depend_on_epoch(tmp_path):

@@ -36,3 +36,11 @@ def test_start_skips_exactly_the_consumed_indices():
 def test_empty_dataset_is_an_error():
     with pytest.raises(ValueError, match="empty dataset"):
         ResumableSampler(0)
+
+
+def test_with_epoch_yields_the_same_order_as_epoch_keys():
+    plain = ResumableSampler(6, seed=5, rank=1, world_size=2)
+    keyed = ResumableSampler(6, seed=5, rank=1, world_size=2, with_epoch=True)
+    for sampler in (plain, keyed):
+        sampler.set_epoch(2, start=1)
+    assert list(keyed) == [(2, index) for index in plain] and len(keyed) == len(plain) == 2
