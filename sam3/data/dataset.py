@@ -21,9 +21,9 @@ and the image id. It is never replaced by another sample.
 
 Randomness (the training warp, then the choice of negatives when `num_negatives` is set) comes from a torch.Generator
 seeded from (seed, epoch, index), so a sample depends on nothing else: not the worker count, not the order of access.
-Call `set_epoch(epoch)` before each epoch, or wrap the dataset in `EpochKeyed` and index it with (epoch, index)
-keys (`ResumableSampler(with_epoch=True)`): DataLoader(persistent_workers=True) workers keep the dataset copy, and
-so the epoch, they were started with, while a key carries its epoch with it.
+Call `set_epoch(epoch)` before each epoch, or wrap the dataset in `sam3.data.sampler.EpochKeyed` and index it
+with (epoch, index) keys (`ResumableSampler(with_epoch=True)`): DataLoader(persistent_workers=True) workers keep
+the dataset copy, and so the epoch, they were started with, while a key carries its epoch with it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ indices of this rank's share, so a run resumed mid-epoch sees exactly the sample
 uninterrupted, without loading and discarding the ones before.
 
 With `with_epoch`, it yields (epoch, index) keys instead of bare indices, for datasets wrapped in
-`sam3.data.EpochKeyed`: the epoch then travels with each key to the DataLoader's workers, so the workers can be
+`EpochKeyed` (below): the epoch then travels with each key to the DataLoader's workers, so the workers can be
 persistent (started once per run, not once per epoch) and still draw each epoch's augmentation.
 """
 
