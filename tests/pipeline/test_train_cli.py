@@ -178,3 +178,26 @@ def test_sigkill_then_restart_ends_with_the_weights_of_an_uninterrupted_run(shap
     assert resumed.keys() == straight.keys()
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_loader_workers_train_exactly_as_the_main_process(shapes, tmp_path):
+    # 6 steps cross from epoch 0 (4 steps) into epoch 1: the two persistent workers, started once, must draw epoch
+    # 1's augmentation from the (epoch, index) keys. Run as its own process: forked workers are safe there (this
+    # pytest process may hold other tests' threads; see tests/sam3/test_data.py).
+    settings = ("train.max_steps=6",)
+    workers = subprocess.run(
+        [sys.executable, "-m", "pipeline", *_args(tmp_path / "workers", shapes, *settings, "train.num_workers=2")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert workers.returncode == 0, workers.stderr[-3000:]
+    assert main(_args(tmp_path / "main", shapes, *settings, "train.num_workers=0")) == 0
+
+    with_workers, in_main = read_weights(tmp_path / "workers" / "model"), read_weights(tmp_path / "main" / "model")
+    assert with_workers.keys() == in_main.keys()
+    for name, value in in_main.items():
+        assert torch.equal(with_workers[name], value), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "workers" / "train_stats.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
