@@ -99,6 +99,14 @@ class Params:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document in `path` ({} when empty); ConfigError in one line when it does not parse."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+
+
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read `path` (None: defaults only), apply `section.key=value` overrides, return checked `Params`."""
     raw: dict[str, Any] = {}
@@ -106,10 +114,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: parameter file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides or []:

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from pipeline.fewshot import FEWSHOT_SPLIT, fewshot_file_name
+from pipeline.params import read_yaml
 from pipeline.suites import ODINW13_DATASETS, ODINW13_SEEDS, ODINW13_SHOTS, rf100vl_domains
 from sam3.coco import ANNOTATIONS_FILE, split_annotation_path
 from sam3.errors import ConfigError, DataError
@@ -161,10 +162,7 @@ def load(suite: str, path: Path) -> SuiteParams:
         raise ConfigError(f"unknown suite {suite!r}; choose one of {', '.join(SUITE_NAMES)}")
     if not path.is_file():
         raise ConfigError(f"{path}: suite params file not found; restore it (git checkout {path}) or write it anew")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+    data = read_yaml(path)
     section = data.get(suite) if isinstance(data, dict) else None
     if not isinstance(section, dict) or set(data) != {suite}:
         raise ConfigError(f"{path}: expected one top-level key {suite!r} holding the suite's values")

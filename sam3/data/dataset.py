@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
@@ -51,6 +50,7 @@ from sam3.coco import (
     split_annotation_path,
 )
 from sam3.data.negatives import load_negatives
+from sam3.data.sampler import EpochDataset
 from sam3.data.transforms import (
     REFERENCE_IMAGE_SIZE,
     Transformed,
@@ -128,7 +128,7 @@ class _ImageRecord:
     extra_negatives: tuple[str, ...]
 
 
-class CocoPromptDataset(Dataset):
+class CocoPromptDataset(EpochDataset):
     """One split of a COCO dataset as `PromptSample`s (see the module docstring for the rules).
 
     Args:
@@ -184,7 +184,6 @@ class CocoPromptDataset(Dataset):
         self.max_targets = max_targets
         self.seed = seed
         self.num_negatives = num_negatives
-        self.epoch = 0
         self.annotation_file = Path(dataset_dir) / split / annotations_file
         if negatives is None or isinstance(negatives, Mapping):
             negatives_map = negatives or {}
@@ -199,15 +198,8 @@ class CocoPromptDataset(Dataset):
             ", ".join(f"{key} {value}" for key, value in self.stats.items()),
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random draws `__getitem__` makes (call before iterating each epoch)."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.records)
-
-    def __getitem__(self, index: int) -> PromptSample:
-        return self.sample(index, self.epoch)
 
     def sample(self, index: int, epoch: int) -> PromptSample:
         """Sample `index` as drawn in `epoch` (what `__getitem__` returns after `set_epoch(epoch)`)."""

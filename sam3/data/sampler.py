@@ -14,18 +14,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Protocol
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 
-class EpochSampling(Protocol):
-    """A dataset whose samples depend on the epoch: `CocoPromptDataset`, `CachedPromptDataset`."""
+class EpochDataset(Dataset):
+    """A dataset whose samples depend on the epoch (`CocoPromptDataset`, `CachedPromptDataset`).
 
-    def __len__(self) -> int: ...
+    Subclasses implement `sample(index, epoch)` and `__len__`; `dataset[i]` is `sample(i, epoch)` for the epoch last
+    given to `set_epoch` (0 at first). `EpochKeyed` calls `sample` with the epoch each key carries instead.
+    """
 
-    def sample(self, index: int, epoch: int): ...
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random draws `__getitem__` makes (call before iterating each epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int):
+        raise NotImplementedError
 
 
 class ResumableSampler(Sampler):
@@ -77,7 +91,7 @@ class EpochKeyed(Dataset):
     `set_epoch` call made in the main process after they start.
     """
 
-    def __init__(self, dataset: EpochSampling, indices: Sequence[int] | None = None) -> None:
+    def __init__(self, dataset: EpochDataset, indices: Sequence[int] | None = None) -> None:
         self.dataset = dataset
         self.indices = list(indices) if indices is not None else None
 

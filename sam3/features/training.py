@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from sam3.batch import PromptBatch
 from sam3.coco import ANNOTATIONS_FILE
 from sam3.config import CacheConfig
 from sam3.data.collate import collate_prompts
 from sam3.data.dataset import CocoPromptDataset, PromptQuery, PromptSample, sample_generator
+from sam3.data.sampler import EpochDataset
 from sam3.errors import ConfigError
 from sam3.features.build import dataset_prompts
 from sam3.features.key import cache_key, stored_levels, training_mismatches
@@ -86,7 +86,7 @@ class FeatureCollate:
         return FeatureBatch(**plain, levels=levels, prompt_tokens=prompt_tokens)
 
 
-class CachedPromptDataset(Dataset):
+class CachedPromptDataset(EpochDataset):
     """`dataset`'s samples with cached features in place of pixels (see the module docstring).
 
     `dataset` supplies the queries (its seed, negatives and num_negatives); `store` the features and targets;
@@ -97,18 +97,11 @@ class CachedPromptDataset(Dataset):
         self, dataset: CocoPromptDataset, store: FeatureStore, views: int, levels: list[int], with_text: bool
     ) -> None:
         self.dataset, self.store, self.views, self.levels = dataset, store, views, levels
-        self.epoch = 0
         tokens = store.text_tokens() if with_text else None
         self.collate = FeatureCollate({p: row for row, p in enumerate(store.prompts)}, tokens)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def __getitem__(self, index: int) -> FeatureSample:
-        return self.sample(index, self.epoch)
 
     def sample(self, index: int, epoch: int) -> FeatureSample:
         """Sample `index` as drawn in `epoch` (see `CocoPromptDataset.sample`)."""
