@@ -42,6 +42,7 @@ from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
 
 from sam3.batch import PromptBatch
 from sam3.errors import ConfigError, ModelLoadError
+from sam3.scratch import apply_scratch_priors
 from sam3.tokenizer import CONTEXT_LENGTH, END_ID, PAD_ID, START_ID
 
 logger = logging.getLogger(__name__)
@@ -136,11 +137,15 @@ def set_image_size(config: Sam3Config, image_size: int) -> None:
     config.vision_config.backbone_feature_sizes = [[int(grid * s), int(grid * s)] for s in scales]
 
 
-def load_model(source: str | Path = "tiny", image_size: int | None = None, seed: int = 0) -> Sam3Detector:
+def load_model(
+    source: str | Path = "tiny", image_size: int | None = None, seed: int = 0, *, scratch_priors: bool = True
+) -> Sam3Detector:
     """A `Sam3Detector` in eval mode from "tiny", "full" or a local transformers folder.
 
     "tiny": `tiny_config`, random weights drawn from `seed` (the caller's random state is left untouched).
     "full": the default `Sam3Config` (840,376,374 parameters, 1008 px), random weights, for benchmarks.
+        Both random models get the decoder's spatial priors for training from scratch (`sam3.scratch`) unless
+        `scratch_priors` is False (transformers' initialisation alone).
     folder: `Sam3Model.from_pretrained(folder, local_files_only=True)`; a facebook/sam3 download (a video config
         whose `detector_config` is the detector, tracker weights ignored) or our own `save_pretrained` export.
     `image_size` overrides the input size (see `set_image_size`).
@@ -153,6 +158,8 @@ def load_model(source: str | Path = "tiny", image_size: int | None = None, seed:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Sam3Model(config)
+        if scratch_priors:
+            apply_scratch_priors(model)
     else:
         model = _load_folder(Path(source), image_size)
     return Sam3Detector(model).eval()
