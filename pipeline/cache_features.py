@@ -1,15 +1,20 @@
-"""`python -m pipeline cache-features DATASET --out DIR [--model SOURCE] [--views V] [--mode M] [--params FILE] ...`.
+"""`python -m pipeline cache-features DATASET --out DIR [--params FILE [--set section.key=value ...]] [--model SOURCE]
+[--views V] [--mode M] ...`.
 
 Runs the frozen encoders once and stores their outputs (sam3.features): the vision encoder on every image of the
 cached splits, in V views (view 0 the plain warp, views 1..V-1 seeded random warp-pads), and the text encoder on
 every prompt (category names and the negatives file's phrases). Training reads them with `cache.enabled: true`.
 
 Settings come from the options; options left out come from `--params FILE` when given (model.source,
-model.image_size, model.mode and the `cache` section), else from the defaults. Idempotent: a folder whose manifest
-holds the same key (model weights, sizes, views, seed, dtype, data, prompts, library versions) is left as it is.
+model.image_size, model.mode and the `cache` section), with `--set` overrides over it as train takes them (the DVC
+suites pass their train_flags, the Prefect suite path its overrides, so the cache is built for the run's own
+settings), else from the defaults. Idempotent: a folder whose manifest holds the same key (model weights, sizes,
+views, seed, dtype, data, prompts, library versions) is left as it is.
 
 With `--params` and cache.enabled false (the DVC stage while the cache is off) it writes only a manifest saying so:
-no model is loaded and nothing is computed, so the stage costs a second and the train stage's input stays the same.
+no model is loaded, nothing is computed and neither torch nor transformers is imported, so the stage costs about a
+second and the train stage's input stays the same. With `--params` and cache.enabled true, a `train.freeze` that
+trains the vision encoder is refused before anything is built (the run could not read the cache).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 from sam3.coco import ANNOTATIONS_FILE
-from sam3.config import CACHE_DTYPES, CacheConfig
+from sam3.config import CACHE_DTYPES, DEVICE_CHOICES, CacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +44,18 @@ class CacheSettings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sam3.inference import DEVICE_CHOICES
-
     parser.add_argument("dataset", type=Path, help="dataset folder: {train,valid,test}/_annotations.coco.json + images")
     parser.add_argument("--out", required=True, type=Path, help="cache folder (manifest.json + safetensors shards)")
     parser.add_argument("--params", help="fill options left out from this params file (model and cache sections)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",  # `--set a=1 b=2` as DVC unpacks a suite's train_flags, and `--set a=1 --set b=2`
+        nargs="+",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a param of --params (as train's --set: pass the run's overrides here too)",
+    )
     parser.add_argument("--model", help="tiny | full | a transformers model folder (default: tiny)")
     parser.add_argument("--image-size", type=int, help="model input side (default: the model's own)")
     parser.add_argument("--mode", choices=MODES, help="detection caches the 1x FPN level; segmentation all three")
@@ -63,8 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[CacheSettings, bool]:
-    """The settings to build with, and whether the cache is on (off only when --params says cache.enabled false)."""
-    params = load_params(args.params) if args.params else load_params(None)
+    """The settings to build with, and whether the cache is on (off only when --params, with the --set overrides,
+    says cache.enabled false)."""
+    params = load_params(args.params, args.overrides)
+    check_freeze(params, args.params)
     cache = params.cache
     cache = replace(
         cache,
@@ -81,9 +95,22 @@ def resolve_settings(args: argparse.Namespace) -> tuple[CacheSettings, bool]:
     return settings, bool(params.cache.enabled) if args.params else True
 
 
+def check_freeze(params: Params, params_file: str | None) -> None:
+    """ConfigError when the params file turns the cache on for a run whose vision encoder trains: the run could not
+    read what would be built (said before any model is loaded)."""
+    if not (params_file and params.cache.enabled):
+        return
+    from sam3.errors import ConfigError
+    from sam3.freeze import cache_freeze_problem
+
+    problem = cache_freeze_problem(params.train.freeze)
+    if problem:
+        raise ConfigError(f"{params_file}: {problem}")
+
+
 def run(args: argparse.Namespace) -> int:
     from sam3.errors import ConfigError
-    from sam3.features import build_cache, write_disabled
+    from sam3.features.manifest import write_disabled
 
     settings, enabled = resolve_settings(args)
     if not enabled:
@@ -95,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.shard_mb < 1:
         raise ConfigError("--batch-size and --shard-mb must be >= 1")
 
+    from sam3.features import build_cache
     from sam3.inference import resolve_device
     from sam3.model import load_model
 

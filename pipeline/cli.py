@@ -71,15 +71,20 @@ def requested_command(argv: list[str]) -> str | None:
     return next((arg for arg in argv if arg in COMMANDS), None)
 
 
+def configure_logging(verbose: bool = False) -> None:
+    """The commands' log format on stderr, INFO (DEBUG with -v) and up; also what a SLURM job logs with."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = requested_command(argv)
     args = build_parser([command] if command else []).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(args.verbose)
     try:
         return int(args.run(args))
     except Sam3Error as err:

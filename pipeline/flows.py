@@ -2,25 +2,31 @@
 
 Two paths through the same stages (ARCHITECTURE.md), chosen by the flow's parameters:
 - DVC path (no `datasets`, no `dataset_root`; deployments `demo` and `retrain`): one task per stage runs
-  `dvc repro <stage>` in the repository, in the order validate, preprocess, negatives, train, evaluate, aggregate.
+  `dvc repro <stage>` in the repository, in the order validate, preprocess, negatives, cache_features, train,
+  evaluate, aggregate.
   DVC decides what re-runs and records it in dvc.lock, so a Prefect run leaves the DVC state as `dvc repro` would
   (`dvc status` of those stages clean afterwards; checked and reported). A stage that dvc.yaml does not have is
   skipped with a logged note. Parameters come from params.yaml alone (dvc.yaml reads it).
 - Suite path (`datasets` or `dataset_root`; deployments `rf100` and `odinw13`): `dvc repro` takes no parameter
   overrides, so each dataset runs the stage commands themselves (`python -m pipeline <stage> ...`, with
-  `--params`/`--set` for train), writing where the DVC suites (suites/<suite>/dvc.yaml) write:
-      data/suites/<suite>/<dataset>/{clean/, preprocessed/, negatives.json}, reports/<suite>/<dataset>/validate.json,
-      runs/<suite>/<dataset>/seed<s>/{model/, checkpoints/, ...}, reports/<suite>/<dataset>/seed<s>/metrics.json
-  fanned out over datasets (validate, preprocess, negatives) and datasets x seeds (train with train.seed = s,
-  evaluate on the test split; the baseline model is evaluated on the first seed only, its metrics being the same
-  for every seed). Suite "odinw13" trains seed s on the few-shot file fewshot_train_shot10_seed<s>.json, which the
-  validate stage carries along from the dataset or draws when it lacks it (`--fewshot-seeds`), as the DVC suite.
+  `--params`/`--set` for cache-features and train), writing where the DVC suites (suites/<suite>/dvc.yaml) write:
+      data/suites/<suite>/<dataset>/{clean/, preprocessed/, negatives.json, features/}, reports/<suite>/<dataset>/
+      validate.json, runs/<suite>/<dataset>/seed<s>/{model/, checkpoints/, ...},
+      reports/<suite>/<dataset>/seed<s>/metrics.json
+  fanned out over datasets (validate, preprocess, negatives, cache_features) and datasets x seeds (train with
+  train.seed = s, evaluate on the test split; the baseline model is evaluated on the first seed only, its metrics
+  being the same for every seed). Suite "odinw13" trains seed s on the few-shot file fewshot_train_shot10_seed<s>.json,
+  which the validate stage carries along from the dataset or draws when it lacks it (`--fewshot-seeds`), as the DVC
+  suite; its feature cache is one per dataset x seed (features/seed<s>, built on that file: a cache is keyed by its
+  annotation file), where other suites share one per dataset (every seed trains on the same images; a seeded
+  `train.subset_images` subset is drawn by train from the cached list).
   The DVC suite stages (suites/<suite>/dvc.yaml, a `matrix` over datasets and seeds) are the DVC way to the same
   runs; there RF100-VL runs once per dataset, without the seed<s> level.
 
 Prefect features: retries for the I/O-bound stages (validate, preprocess; not when the stage says the user's data
 or parameters are wrong), the tag "train" under a global concurrency limit of 1 (`tag:train`, created
-idempotently: one training at a time on the machine's accelerators, whatever the fan-out), a table artifact of the
+idempotently: one job at a time on the machine's accelerators, whatever the fan-out: the trainings and the feature
+cache builds, which run the full model over every image when cache.enabled), a table artifact of the
 metric per dataset and seed and a Markdown summary, and champion promotion (`promote=True`, deployment `retrain`):
 the new model replaces the champion recorded in models/registry.json only when its metric beats the champion's
 (`decide_promotion`), copied to models/champion/; the reason is logged and kept as a Markdown artifact.
@@ -73,7 +79,8 @@ TRAIN_CONCURRENCY = 1  # trainings at once: each one takes every accelerator of 
 IO_RETRIES = 2
 RETRY_DELAY_S = 10
 STAGE_WORKERS = 4  # stage commands running at once in a suite (each may start its own data workers)
-DVC_STAGES = ("validate", "preprocess", "negatives", "train", "evaluate", "aggregate")  # the order of the DVC path
+# the order of the DVC path
+DVC_STAGES = ("validate", "preprocess", "negatives", "cache_features", "train", "evaluate", "aggregate")
 PARAMS_FILE = "params.yaml"  # what dvc.yaml reads
 MODEL_FOLDER = "model"  # sam3.trainer.train exports the fine-tuned model to <run dir>/model
 NEGATIVES_FILE = "negatives.json"
@@ -184,6 +191,14 @@ def negatives(command: list[str], cwd: str, label: str) -> None:
     _run(command, cwd)
 
 
+@task(name="cache_features", task_run_name="cache_features {label}", tags=[TRAIN_TAG], cache_policy=NO_CACHE)
+def cache_features(command: list[str], cwd: str, label: str) -> None:
+    """Run the frozen encoders once per image and prompt and store their outputs (cache.enabled; off: only an "off"
+    manifest, about a second). Under the "train" tag's limit, as it runs the model on the accelerators; not retried,
+    as train is not (its failures, out of memory among them, come back the same)."""
+    _run(command, cwd)
+
+
 @task(name="train", task_run_name="train {label}", tags=[TRAIN_TAG], cache_policy=NO_CACHE)
 def train(command: list[str], cwd: str, label: str) -> None:
     """Fine-tune; the "train" tag's global concurrency limit lets one run at a time."""
@@ -202,7 +217,7 @@ def aggregate(command: list[str], cwd: str, label: str) -> None:
     _run(command, cwd)
 
 
-DVC_STAGE_TASKS = (validate, preprocess, negatives, train, evaluate, aggregate)  # in DVC_STAGES order
+DVC_STAGE_TASKS = (validate, preprocess, negatives, cache_features, train, evaluate, aggregate)  # in DVC_STAGES order
 
 
 def ensure_train_limit() -> None:
@@ -508,6 +523,17 @@ class DatasetPlan:
         """reports/<suite>/<name>: validate.json"""
         return SUITE_REPORTS / self.suite / self.name
 
+    def features(self, seed: int) -> Path:
+        """The feature cache the run of `seed` reads: data/suites/<suite>/<name>/features, shared by the seeds (they
+        train on the same annotation file), or .../features/seed<seed> in a few-shot suite (each seed trains on its
+        own file, and a cache is keyed by the file it was built on)."""
+        folder = self.data / "features"
+        return folder / f"seed{seed}" if self.suite in FEWSHOT_SUITES else folder
+
+    def cache_label(self, seed: int) -> str:
+        """How the cache of `seed`'s run is named in task runs: the dataset, with the seed in a few-shot suite."""
+        return f"{self.name} seed {seed}" if self.suite in FEWSHOT_SUITES else self.name
+
     def run_dir(self, seed: int) -> Path:
         """runs/<suite>/<name>/seed<seed>: the training run"""
         return SUITE_RUNS / self.suite / self.name / f"seed{seed}"
@@ -576,6 +602,19 @@ def dataset_commands(plan: DatasetPlan, params: Params, seeds: list[int]) -> dic
     }  # fmt: skip
 
 
+def cache_command(plan: DatasetPlan, seed: int, params_file: str, overrides: list[str]) -> list[str]:
+    """cache-features for the run of `seed`: dvc.yaml's command into plan.features(seed), with train's params file
+    and overrides (a model or cache setting among them reaches the cache; with cache.enabled false it writes only the
+    "off" manifest). A few-shot suite caches the seed's few-shot file, as train reads it."""
+    settings = [arg for item in overrides for arg in ("--set", item)]
+    k = FEWSHOT_SUITES.get(plan.suite)
+    fewshot = {} if k is None else {"train_annotations": fewshot_file_name(k, seed)}
+    return cli_command(
+        "cache-features", plan.data / "preprocessed", *settings, out=plan.features(seed), params=params_file,
+        negatives=plan.data / NEGATIVES_FILE, **fewshot,
+    )  # fmt: skip
+
+
 def run_commands(
     plan: DatasetPlan, seed: int, params: Params, params_file: str, overrides: list[str], with_baseline: bool
 ) -> dict[str, list[str]]:
@@ -591,7 +630,7 @@ def run_commands(
     return {
         "train": cli_command(
             "train", *settings, run_dir=run_dir, dataset=plan.data / "preprocessed", params=params_file,
-            negatives=plan.data / NEGATIVES_FILE, **fewshot,
+            negatives=plan.data / NEGATIVES_FILE, feature_cache=plan.features(seed), **fewshot,
         ),
         "evaluate": cli_command(
             "evaluate", model=run_dir / MODEL_FOLDER, dataset=plan.data / "preprocessed", split=split,
@@ -622,6 +661,7 @@ def run_suite_path(
             futures[f"{stage_task.name} {plan.name}"] = stage_task.submit(
                 command, cwd, label=plan.name, wait_for=wait_for
             )
+    caches = submit_caches(plans, seeds, params_file, overrides, cwd, futures)
     per_run = {
         (p.name, s): run_commands(p, s, params, params_file, overrides, with_baseline=s == seeds[0])
         for p in plans
@@ -629,9 +669,7 @@ def run_suite_path(
     }
     for (name, seed), commands in per_run.items():
         label = f"{name} seed {seed}"
-        futures[f"train {label}"] = train.submit(
-            commands["train"], cwd, label=label, wait_for=[futures[f"negatives {name}"]]
-        )
+        futures[f"train {label}"] = train.submit(commands["train"], cwd, label=label, wait_for=[caches[name, seed]])
     for (name, seed), commands in per_run.items():
         label = f"{name} seed {seed}"
         futures[f"evaluate {label}"] = evaluate.submit(
@@ -644,6 +682,33 @@ def run_suite_path(
         logger.error("%s did not complete: %s", name, futures[name].state.message)
     rows, notes = summarise_suite(cwd, suite, plans, seeds, metric)
     return PathResult(rows, notes + [f"did not complete: {name}" for name in failed], failed)
+
+
+def submit_caches(
+    plans: list[DatasetPlan],
+    seeds: list[int],
+    params_file: str,
+    overrides: list[str],
+    cwd: str,
+    futures: dict[str, PrefectFuture],
+) -> dict[tuple[str, int], PrefectFuture]:
+    """Submit the cache_features tasks after each dataset's negatives (one per feature cache folder: per dataset, or
+    per dataset x seed in a few-shot suite), adding them to `futures`; return the future each (dataset, seed) run's
+    train waits for."""
+    per_folder: dict[Path, PrefectFuture] = {}
+    for plan in plans:
+        for seed in seeds:
+            folder = plan.features(seed)
+            if folder in per_folder:
+                continue
+            label = plan.cache_label(seed)
+            per_folder[folder] = futures[f"{cache_features.name} {label}"] = cache_features.submit(
+                cache_command(plan, seed, params_file, overrides),
+                cwd,
+                label=label,
+                wait_for=[futures[f"negatives {plan.name}"]],
+            )
+    return {(plan.name, seed): per_folder[plan.features(seed)] for plan in plans for seed in seeds}
 
 
 @task(name="aggregate", task_run_name="aggregate {suite}")

@@ -4,7 +4,8 @@ Local: `nproc` processes on one node, each with RANK / WORLD_SIZE / LOCAL_RANK s
 `sam3.trainer.train`; the trainer picks NCCL on GPUs and gloo on CPU.
 SLURM: one submitit job (or a job array over datasets) with nodes x gpus_per_node tasks; submitit exports the
 SLURM variables, `_SlurmTask` turns them into torch.distributed's, and a preempted or timed-out job is requeued
-(`checkpoint()` returns the same call) and resumes from the run's newest checkpoint.
+(`checkpoint()` returns the same call) and resumes from the run's newest checkpoint. A job trains on any annotation
+file of the train split (--train-annotations) and from a feature cache (cache.enabled) as a local run does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+
+from sam3.coco import ANNOTATIONS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,10 @@ class _SlurmTask:
     def __call__(self):
         import submitit
 
+        from pipeline.cli import configure_logging
         from sam3.trainer import train
+
+        configure_logging()  # the job's log says what a local run's says (images, steps, the feature cache read)
 
         env = submitit.JobEnvironment()
         hostnames = env.hostnames
@@ -73,8 +79,18 @@ class _SlurmTask:
         return submitit.helpers.DelayedSubmission(_SlurmTask(self.job))
 
 
-def submit_slurm(params, run_dir: Path, datasets: list[str], negatives: str | None) -> list:
-    """Submit one job per dataset (a job array when several) and print their ids."""
+def submit_slurm(
+    params,
+    run_dir: Path,
+    datasets: list[str],
+    negatives: str | None,
+    train_annotations: str = ANNOTATIONS_FILE,
+    feature_caches: list[str] | None = None,
+) -> list:
+    """Submit one job per dataset (a job array when several) and print their ids. `feature_caches`: each dataset's
+    feature cache folder (read when cache.enabled), in `datasets` order. Each job carries a plain-valued TrainJob
+    (picklable: strings, numbers, dataclasses); its relative paths resolve against the submission folder, where
+    SLURM starts the job (and submitit's local fallback its processes)."""
     import submitit
 
     from pipeline.train import build_job, write_resolved_params
@@ -95,10 +111,11 @@ def submit_slurm(params, run_dir: Path, datasets: list[str], negatives: str | No
         name="sam3-finetune",
     )
     jobs_to_run = []
-    for dataset in datasets:
+    caches = feature_caches or [None] * len(datasets)
+    for dataset, cache in zip(datasets, caches, strict=True):
         target = Path(run_dir) / Path(dataset).name if len(datasets) > 1 else Path(run_dir)
         write_resolved_params(params, target)
-        jobs_to_run.append(_SlurmTask(build_job(params, target, dataset, negatives)))
+        jobs_to_run.append(_SlurmTask(build_job(params, target, dataset, negatives, train_annotations, cache)))
     with executor.batch():
         submitted = [executor.submit(task) for task in jobs_to_run]
     for dataset, job in zip(datasets, submitted, strict=True):

@@ -6,7 +6,10 @@ Reads params.yaml into typed sections, writes the resolved params next to the ru
   (NCCL on GPUs, gloo on CPU);
 - `launcher.kind: slurm`: submits a job through submitit (nodes x GPUs per node, partition, account, qos, time),
   requeued on preemption; the job resumes from the run's newest checkpoint. `--datasets A B C` makes a job array,
-  one run per dataset under RUN_DIR/<dataset name>.
+  one run per dataset under RUN_DIR/<dataset name>, reading its feature cache (cache.enabled) from
+  FEATURE_CACHE/<dataset name> (default data/features/<dataset name>). The job gets the same plain-valued TrainJob
+  as a local run (paths relative to the submission folder, where SLURM starts the job); the cache folders and the
+  --train-annotations file are checked before submitting, so a job never waits in the queue to fail on them.
 The run folder holds checkpoints/, model/ (transformers format), tensorboard/, train_stats.jsonl, params.yaml.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 from pathlib import Path
 
 import yaml
@@ -39,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="dataset folder (default: data/preprocessed/<dataset.name>)")
     parser.add_argument("--negatives", help="negatives file {image_id: [phrases]} (optional)")
     parser.add_argument(
-        "--feature-cache", help="feature cache read when cache.enabled (default: data/features/<dataset.name>)"
+        "--feature-cache",
+        help="feature cache read when cache.enabled (default: data/features/<dataset.name>; with --datasets, the "
+        "folder holding one cache per dataset name, default data/features)",
     )
     parser.add_argument(
         "--train-annotations",
@@ -103,10 +109,6 @@ def check_params(params: Params) -> None:
         (params.cache.views >= 1, "cache.views must be >= 1 (1: the plain warp only, no augmentation)"),
         (params.cache.dtype in CACHE_DTYPES, f"cache.dtype must be one of {', '.join(CACHE_DTYPES)}"),
         (cache_problem is None, cache_problem),
-        (
-            not (params.cache.enabled and params.launcher.kind == "slurm"),
-            "cache.enabled with launcher.kind slurm is not supported yet: train from pixels (cache.enabled false)",
-        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -129,19 +131,20 @@ def run(args: argparse.Namespace) -> int:
     if params.launcher.kind == "slurm":
         from pipeline.launch import submit_slurm
 
-        if args.train_annotations != ANNOTATIONS_FILE:  # submit_slurm builds its jobs on the split's own file
-            from sam3.errors import ConfigError
-
-            raise ConfigError("--train-annotations is not passed to SLURM jobs yet; train few-shot runs locally")
-
-        submit_slurm(params, args.run_dir, args.datasets or [dataset], args.negatives)
+        datasets = args.datasets or [dataset]
+        caches = feature_cache_dirs(args.feature_cache, params, datasets)
+        for folder in datasets:
+            check_train_annotations(folder, args.train_annotations)
+        if params.cache.enabled:
+            check_feature_caches(datasets, caches, args)
+        submit_slurm(params, args.run_dir, datasets, args.negatives, args.train_annotations, caches)
         return 0
     if args.datasets:
         from sam3.errors import ConfigError
 
         raise ConfigError("--datasets (a job array) needs launcher.kind=slurm; run datasets one by one locally")
     check_train_annotations(dataset, args.train_annotations)
-    feature_cache = args.feature_cache or f"data/features/{params.dataset.name}"
+    (feature_cache,) = feature_cache_dirs(args.feature_cache, params, [dataset])
     job = build_job(params, args.run_dir, dataset, args.negatives, args.train_annotations, feature_cache)
     write_resolved_params(params, args.run_dir)
     processes = params.launcher.nodes * params.launcher.gpus_per_node
@@ -167,6 +170,44 @@ def check_train_annotations(dataset: str, name: str) -> None:
             f"{path}: --train-annotations file not found; give a file of the train folder (few-shot files are "
             "written by `python -m pipeline validate --fewshot-seeds ...` into the clean copy)"
         )
+
+
+def feature_cache_dirs(given: str | None, params: Params, datasets: list[str]) -> list[str]:
+    """The feature cache folder of each dataset's run. One dataset: `given` (--feature-cache) or
+    data/features/<dataset.name>, as the DVC stage writes it. Several (a SLURM job array, whose runs go to
+    RUN_DIR/<dataset folder name>): <given or data/features>/<dataset folder name> each."""
+    if len(datasets) == 1:
+        return [given or f"data/features/{params.dataset.name}"]
+    base = Path(given or "data/features")
+    return [str(base / Path(folder).name) for folder in datasets]
+
+
+def check_feature_caches(datasets: list[str], caches: list[str], args: argparse.Namespace) -> None:
+    """ConfigError naming every dataset's feature cache folder that holds no enabled cache, with the command that
+    builds it. Reads the manifests only (no model is loaded): the job itself checks the full key before training."""
+    from sam3.errors import ConfigError
+    from sam3.features.manifest import read_manifest
+
+    missing = []
+    for dataset, folder in zip(datasets, caches, strict=True):
+        manifest = read_manifest(Path(folder))
+        if manifest is None or not manifest.get("enabled"):
+            state = "holds no feature cache" if manifest is None else "was written with cache.enabled false"
+            missing.append(f"{folder} {state} (build it: {cache_command(dataset, folder, args)})")
+    if missing:
+        raise ConfigError(f"cache.enabled is true but {'; '.join(missing)}; nothing was submitted")
+
+
+def cache_command(dataset: str, folder: str, args: argparse.Namespace) -> str:
+    """The cache-features command that builds `folder` for this run (same params file, overrides and files)."""
+    parts = ["python", "-m", "pipeline", "cache-features", dataset, "--out", folder, "--params", args.params]
+    if args.overrides:
+        parts += ["--set", *args.overrides]
+    if args.negatives:
+        parts += ["--negatives", args.negatives]
+    if args.train_annotations != ANNOTATIONS_FILE:
+        parts += ["--train-annotations", args.train_annotations]
+    return shlex.join(parts)
 
 
 def write_resolved_params(params: Params, run_dir: Path) -> None:

@@ -13,6 +13,7 @@ from sam3.coco import ANNOTATIONS_FILE
 AMP_CHOICES: tuple[str, ...] = ("bf16", "fp16", "none")
 CACHE_DTYPES: tuple[str, ...] = ("fp16", "fp32")
 TRAIN_MODES: tuple[str, ...] = ("train", "train_only", "val")
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")  # --device of the commands that run a model
 
 
 @dataclass

@@ -26,32 +26,42 @@ segmentation adds 288^2 and 144^2 maps: 56 MB.
     train:  cache.enabled: true in params.yaml (and train.freeze vision | vision_text | heads)
 """
 
-from sam3.features.build import BuildResult, build_cache, view_geometry, write_disabled
-from sam3.features.key import cache_key, stored_levels, training_mismatches
-from sam3.features.store import FeatureStore, read_manifest
-from sam3.features.training import (
-    CachedDetector,
-    CachedPromptDataset,
-    FeatureBatch,
-    FeatureCollate,
-    FeatureSample,
-    open_training_cache,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BuildResult",
-    "CachedDetector",
-    "CachedPromptDataset",
-    "FeatureBatch",
-    "FeatureCollate",
-    "FeatureSample",
-    "FeatureStore",
-    "build_cache",
-    "cache_key",
-    "open_training_cache",
-    "read_manifest",
-    "stored_levels",
-    "training_mismatches",
-    "view_geometry",
-    "write_disabled",
-]
+import importlib
+from typing import Any
+
+# name -> the module defining it. Imported on first use (PEP 562), so that `sam3.features.manifest` (the "off"
+# manifest, the checks before a SLURM submission) loads without torch and transformers.
+_EXPORTS = {
+    "BuildResult": "sam3.features.build",
+    "build_cache": "sam3.features.build",
+    "view_geometry": "sam3.features.build",
+    "cache_key": "sam3.features.key",
+    "stored_levels": "sam3.features.key",
+    "training_mismatches": "sam3.features.key",
+    "read_manifest": "sam3.features.manifest",
+    "write_disabled": "sam3.features.manifest",
+    "FeatureStore": "sam3.features.store",
+    "CachedDetector": "sam3.features.training",
+    "CachedPromptDataset": "sam3.features.training",
+    "FeatureBatch": "sam3.features.training",
+    "FeatureCollate": "sam3.features.training",
+    "FeatureSample": "sam3.features.training",
+    "open_training_cache": "sam3.features.training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """The exported `name`, imported from its module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

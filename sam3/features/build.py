@@ -29,6 +29,7 @@ from sam3.data.dataset import CocoPromptDataset
 from sam3.data.transforms import WarpPad, sample_train_warp_pad
 from sam3.errors import ConfigError
 from sam3.features.key import cache_key, stored_levels
+from sam3.features.manifest import write_disabled  # noqa: F401  (the "off" manifest; importable from here too)
 from sam3.features.store import (
     FORMAT,
     STORAGE_DTYPES,
@@ -53,7 +54,7 @@ PROMPT_CHUNK = 64  # prompts per text-encoder call
 @dataclass
 class BuildResult:
     folder: Path
-    built: bool  # False: an up-to-date cache was already there (or the cache is off)
+    built: bool  # False: an up-to-date cache was already there
     images: int = 0
     views: int = 0
     bytes: int = 0
@@ -76,17 +77,6 @@ def dataset_prompts(datasets: list[CocoPromptDataset]) -> dict[str, str]:
         for text in texts:
             prompts.setdefault(clean_text(text), text)
     return dict(sorted(prompts.items()))
-
-
-def write_disabled(folder: str | Path) -> BuildResult:
-    """The cache when `cache.enabled` is false: a manifest saying so, no features (the old ones removed)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in our_files(folder):
-        path.unlink()
-    write_manifest(folder, {"format": FORMAT, "enabled": False})
-    logger.info("%s: feature cache off (cache.enabled false); wrote only its manifest", folder)
-    return BuildResult(folder, built=False)
 
 
 def build_cache(

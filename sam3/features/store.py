@@ -13,14 +13,13 @@
 A cache built with `cache.enabled: false` (the DVC stage when the cache is off) holds only a manifest with
 enabled false: nothing to read, and nothing for DVC to store.
 
-Reading is lazy and memory-mapped (safetensors `safe_open`), one handle per shard and process: `FeatureStore`
-drops its handles when pickled into DataLoader workers, which open their own.
+The manifest's reading and writing: sam3.features.manifest. Reading is lazy and memory-mapped (safetensors
+`safe_open`), one handle per shard and process: `FeatureStore` drops its handles when pickled into DataLoader
+workers, which open their own.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sam3.errors import ConfigError
+# the manifest's helpers live in sam3.features.manifest (no torch), and are importable from here too
+from sam3.features.manifest import FORMAT, MANIFEST, our_files, read_manifest, write_manifest  # noqa: F401
 
-FORMAT = 1
-MANIFEST = "manifest.json"
 TEXT_FILE = "text.safetensors"
 SHARD_PATTERN = "{split}-{index:05d}.safetensors"
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -52,35 +50,6 @@ def unpack_masks(packed: torch.Tensor, size: int) -> torch.Tensor:
 
 def entry_name(image_id: int, view: int, part: str) -> str:
     return f"{image_id}/{view}/{part}"
-
-
-def our_files(folder: Path) -> list[Path]:
-    """The files a cache consists of (shards, text, manifest): what a rebuild removes, nothing else."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name == MANIFEST or p.suffix == ".safetensors")
-
-
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically (a reader never sees half a manifest)."""
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
-
-
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest, or None when the folder holds no complete cache; ConfigError when it is not ours."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not a feature-cache manifest ({err}); delete the folder and rebuild it") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ConfigError(f"{path}: feature-cache format {found!r}, this code reads {FORMAT}; rebuild the cache")
-    return manifest
 
 
 class ShardWriter:

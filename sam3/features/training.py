@@ -147,7 +147,7 @@ def rebuild_command(
         parts.append(f"--negatives {negatives}")
     if dataset.annotation_file.name != ANNOTATIONS_FILE:
         parts.append(f"--train-annotations {dataset.annotation_file.name}")
-    return " ".join(parts) + " (or `dvc repro cache_features` with cache.enabled true)"
+    return " ".join(parts) + " (or `dvc repro` of the cache_features stage, with cache.enabled true)"
 
 
 def open_training_cache(

@@ -1,9 +1,11 @@
 """`python -m pipeline cache-features` and training from its output through `python -m pipeline train`.
 
 - a build from options: manifest key as asked, one shard and the text file; a second call changes nothing
-- `--params` fills the options left out; with cache.enabled false only an "off" manifest is written (what the DVC
-  stage does by default), the previous features removed and other files left alone
+- `--params` fills the options left out, `--set` overrides it (as the suites pass their train flags); with
+  cache.enabled false only an "off" manifest is written (what the DVC stage does by default), the previous features
+  removed and other files left alone, without importing torch
 - user mistakes exit 2 with one line: missing dataset, bad --views, cache.enabled with a trainable vision encoder
+  (in train, and in cache-features with --params, before anything is built)
 - the DVC flow by hand: cache-features --params P, then train --params P from the cache; a cache built with other
   views is refused, naming the field and the rebuild command
 """
@@ -11,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,9 +69,11 @@ def test_build_from_options_then_a_second_call_changes_nothing(shapes, tmp_path,
 
 def test_params_fill_the_options_and_cache_off_writes_only_its_manifest(shapes, tmp_path, capsys):
     out = tmp_path / "cache"
-    on = _params_file(tmp_path, enabled=True, views=2, dtype="fp32")
-    assert main(["cache-features", str(shapes), "--out", str(out), "--params", str(on)]) == 0
-    assert (_manifest(out)["key"]["views"], _manifest(out)["key"]["dtype"]) == (2, "fp32")
+    on = _params_file(tmp_path, enabled=True, views=2, dtype="fp16")
+    assert (
+        main(["cache-features", str(shapes), "--out", str(out), "--params", str(on), "--set", "cache.dtype=fp32"]) == 0
+    )
+    assert (_manifest(out)["key"]["views"], _manifest(out)["key"]["dtype"]) == (2, "fp32")  # --set over the file
     assert _manifest(out)["source"]["model"] == "tiny"  # model.source of the params file
     assert main(["cache-features", str(shapes), "--out", str(out), "--params", str(on), "--views", "1"]) == 0
     assert _manifest(out)["key"]["views"] == 1  # an option beats the params file
@@ -81,6 +87,36 @@ def test_params_fill_the_options_and_cache_off_writes_only_its_manifest(shapes, 
     assert "feature cache off" in capsys.readouterr().out
     assert _manifest(out) == {"format": 1, "enabled": False}
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt"]  # features gone, notes kept
+    assert (
+        main(
+            [
+                "cache-features",
+                str(shapes),
+                "--out",
+                str(tmp_path / "o"),
+                "--params",
+                str(on),
+                "--set",
+                "cache.enabled=false",
+            ]
+        )
+        == 0
+    )
+    assert _manifest(tmp_path / "o") == {"format": 1, "enabled": False}
+
+
+def test_the_off_manifest_is_written_without_importing_torch(tmp_path):
+    # the DVC stage of every dataset (and seed) runs while the cache is off: it must cost about a second
+    off = _params_file(tmp_path, enabled=False)
+    args = ["cache-features", "nowhere", "--out", str(tmp_path / "c"), "--params", str(off)]
+    script = (
+        "import json, sys; from pipeline.cli import main; "
+        f"code = main({args!r}); "
+        "print(json.dumps([code, sorted({'torch', 'transformers'} & set(sys.modules))]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert json.loads(done.stdout.splitlines()[-1]) == [0, []], done.stdout + done.stderr
+    assert _manifest(tmp_path / "c") == {"format": 1, "enabled": False}
 
 
 def test_mistakes_exit_2_with_one_line(shapes, tmp_path, capsys):
@@ -95,6 +131,11 @@ def test_mistakes_exit_2_with_one_line(shapes, tmp_path, capsys):
     assert main([*train, "--set", "train.freeze=none", "--dry-run"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "cache.enabled needs a frozen vision encoder, but train.freeze is 'none'" in line
+    build = ["cache-features", str(shapes), "--out", str(tmp_path / "c"), "--params", str(params)]
+    assert main([*build, "--set", "train.freeze=none"]) == 2  # said before a model is loaded or anything written
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{params}: cache.enabled needs a frozen vision encoder, but train.freeze is 'none'" in line
+    assert not (tmp_path / "c").exists()
 
 
 def test_cache_then_train_from_it_as_the_dvc_stages_do(shapes, tmp_path, capsys):

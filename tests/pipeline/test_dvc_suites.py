@@ -3,17 +3,23 @@
 Fast: the params files in git are what `suite_params.render` writes for the recipe's defaults, with every list empty,
 so that DVC sees no suite stage at all; `suite-params` lists what is on disk and keeps the other values; mistakes
 in the file are ConfigErrors naming the key.
+The cache_features stage of each suite builds the folder its train stage reads, on the same annotation file.
 Slow: `dvc repro` for real in a throw-away git + DVC copy of the repository (tests/pipeline/prefect_repo.py) on
 generated suites of 3 shapes datasets: ODinW13 x 2 seeds, training each seed on its few-shot file (one shipped with
 the dataset, the others drawn by validate), and RF100-VL with a domains file; every matrix stage and the aggregate
-run once, the aggregate table holds every run, a second repro does nothing and `dvc status` is clean.
+run once (cache_features writing its "off" manifest), the aggregate table holds every run, a second repro does
+nothing and `dvc status` is clean. Then cache.enabled true: one run's cache_features and train run again, train
+reading the features (ODinW13: the seed's few-shot images only; RF100-VL: every training image, the 2-image subset
+drawn from them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import shlex
 import statistics
 from pathlib import Path
 
@@ -136,6 +142,42 @@ def test_suite_params_lists_the_datasets_on_disk_and_keeps_the_other_values(tmp_
     assert main(["suite-params", "odinw13", "--root", "data/raw/odinw13", "--domains", "d.json"]) == 2
 
 
+def option(command: str, name: str) -> str | None:
+    """The value after `name` in a stage command (None when the command does not have the option)."""
+    words = shlex.split(command)
+    return words[words.index(name) + 1] if name in words else None
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_cache_features_builds_the_folder_train_reads_on_the_same_annotation_file(suite):
+    stages = yaml.safe_load((REPO / "suites" / suite / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    names = list(stages)
+    assert names.index("negatives") < names.index("cache_features") < names.index("train")
+    cache, train = stages["cache_features"], stages["train"]
+    assert cache["matrix"] == train["matrix"] and cache["wdir"] == train["wdir"]
+    ((folder, settings),) = [next(iter(out.items())) for out in cache["outs"]]
+    assert settings == {"persist": True}  # a re-run for a train-only flag finds its key and rebuilds nothing
+    assert folder in train["deps"]
+    assert option(train["cmd"], "--feature-cache") == option(cache["cmd"], "--out") == folder
+    for same in ("--train-annotations", "--negatives"):  # ODinW13: the seed's few-shot file; RF100-VL: the split's
+        assert option(cache["cmd"], same) == option(train["cmd"], same)
+    assert option(cache["cmd"], "--params") == "params.yaml"  # the root's, as train's default (wdir: the root)
+    assert f"${{{suite}.train_flags}}" in cache["cmd"] and "cache" in cache["params"]
+    assert "no cache_features stage" not in (REPO / "suites" / suite / "dvc.yaml").read_text(encoding="utf-8")
+
+
+def enable_cache(repo: Path) -> None:
+    """cache.enabled true in the repository's params.yaml, with the frozen vision encoder a cache needs."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    params["cache"]["enabled"], params["train"]["freeze"] = True, "vision"
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def cache_manifest(repo: Path, folder: str) -> dict:
+    return json.loads((repo / folder / "manifest.json").read_text(encoding="utf-8"))
+
+
 def test_without_data_dvc_sees_no_suite_stage(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     if not (repo / ".dvc" / "config").is_file():
@@ -191,7 +233,8 @@ def test_odinw13_suite_trains_each_seed_on_its_fewshot_file_and_aggregates_over_
     ran = stages_run(first_repro)
     stage = "suites/odinw13/dvc.yaml:{}@{}".format
     expected = [stage(s, n) for s in ("validate", "preprocess", "negatives") for n in names]
-    expected += [stage(s, f"{n}-{seed}") for s in ("train", "evaluate") for n in names for seed in seeds]
+    per_seed = ("cache_features", "train", "evaluate")
+    expected += [stage(s, f"{n}-{seed}") for s in per_seed for n in names for seed in seeds]
     expected += [stage("aggregate", "odinw13")]
     assert sorted(ran) == sorted(expected), first_repro  # each matrix stage once, and the aggregate
     assert ran[-1] == "suites/odinw13/dvc.yaml:aggregate@odinw13"
@@ -229,6 +272,17 @@ def test_odinw13_suite_trains_each_seed_on_its_fewshot_file_and_aggregates_over_
     assert stages_run(second) == [] and UP_TO_DATE in second, second
     assert json.loads(dvc(repo, "status", "--json", "suites/odinw13/dvc.yaml")) == {}
 
+    # the cache was off: each dataset x seed folder holds only the "off" manifest
+    assert cache_manifest(repo, "data/suites/odinw13/Aquarium/features/seed30") == {"format": 1, "enabled": False}
+    # on: Raccoon seed 3 caches its shipped 1-image file and trains from it
+    enable_cache(repo)
+    cached = dvc(repo, "repro", stage("train", "Raccoon-3"))
+    assert stages_run(cached) == [stage("cache_features", "Raccoon-3"), stage("train", "Raccoon-3")], cached
+    manifest = cache_manifest(repo, "data/suites/odinw13/Raccoon/features/seed3")
+    assert manifest["enabled"] and [e["image_id"] for e in manifest["splits"]["train"]] == [first]
+    assert manifest["key"]["data"]["train"] == hashlib.sha256((repo / shipped_clean).read_bytes()).hexdigest()
+    assert "training from the feature cache data/suites/odinw13/Raccoon/features/seed3" in cached
+
 
 @pytest.mark.slow
 def test_rf100vl_suite_runs_every_dataset_and_aggregates_per_domain(tmp_path, monkeypatch):
@@ -246,7 +300,7 @@ def test_rf100vl_suite_runs_every_dataset_and_aggregates_per_domain(tmp_path, mo
     git_commit(repo, "code, data and the rf100vl suite's datasets")
 
     first = dvc(repo, "repro", "suites/rf100vl/dvc.yaml")
-    stages = ("validate", "preprocess", "negatives", "train", "evaluate")
+    stages = ("validate", "preprocess", "negatives", "cache_features", "train", "evaluate")
     expected = [f"suites/rf100vl/dvc.yaml:{stage}@{name}" for stage in stages for name in names]
     assert sorted(stages_run(first)) == sorted([*expected, "suites/rf100vl/dvc.yaml:aggregate@rf100vl"]), first
     assert first.count("2 training images (2 per process)") == 3  # train_flags reached every train stage
@@ -263,3 +317,14 @@ def test_rf100vl_suite_runs_every_dataset_and_aggregates_per_domain(tmp_path, mo
     second = dvc(repo, "repro", "suites/rf100vl/dvc.yaml")
     assert stages_run(second) == [] and UP_TO_DATE in second, second
     assert json.loads(dvc(repo, "status", "--json", "suites/rf100vl/dvc.yaml")) == {}
+
+    # the cache on: every training image is cached, and train draws its seeded 2-image subset from them
+    features = "data/suites/rf100vl/bone-fracture/features"
+    assert cache_manifest(repo, features) == {"format": 1, "enabled": False}
+    enable_cache(repo)
+    target = "suites/rf100vl/dvc.yaml:{}@bone-fracture".format
+    cached = dvc(repo, "repro", target("train"))
+    assert stages_run(cached) == [target("cache_features"), target("train")], cached
+    assert len(cache_manifest(repo, features)["splits"]["train"]) == 4  # the dataset's 4 training images
+    assert f"training from the feature cache {features}" in cached
+    assert "2 training images (2 per process)" in cached

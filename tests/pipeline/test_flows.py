@@ -1,6 +1,7 @@
-"""pipeline.flows: the promotion rule and registry, stage commands against the real CLI parser, command running and
-retries, deployments; and (slow) the `finetune` flow on a suite of 3 shapes datasets x 2 seeds under Prefect's test
-harness, with its metric table, Markdown summary and one-at-a-time training."""
+"""pipeline.flows: the promotion rule and registry, stage commands against the real CLI parser (the feature cache
+between negatives and train on both paths), command running and retries, deployments; and (slow) the `finetune`
+flow on a suite of 3 shapes datasets x 2 seeds under Prefect's test harness with the feature cache on, with its
+metric table, Markdown summary and one-at-a-time accelerator jobs (cache builds and trainings)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from pipeline.flows import (
 from pipeline.params import load_params
 from sam3.coco import ANNOTATIONS_FILE
 from sam3.errors import ConfigError, DataError
-from tests.pipeline.prefect_repo import IMAGE_SIZE, shapes_datasets, write_params
+from tests.pipeline.prefect_repo import IMAGE_SIZE, REPO, shapes_datasets, write_params
 
 
 def champion(value: float, metric: str = "bbox_AP") -> Champion:
@@ -159,6 +160,16 @@ def test_suite_commands_parse_with_the_real_cli_and_carry_the_params(tmp_path: P
     assert train.run_dir == Path("runs/tiny/a/seed30") and train.negatives == "data/suites/tiny/a/negatives.json"
     assert train.overrides == ["train.max_steps=3", "train.seed=30"]  # the seed is applied last
     assert train.train_annotations == ANNOTATIONS_FILE
+    # the feature cache: one per dataset, shared by the seeds, built with train's params file and overrides
+    cache = parsed(flows.cache_command(plan, 30, "params.yaml", ["train.max_steps=3"]))
+    assert (str(cache.dataset), cache.out, cache.params) == (
+        "data/suites/tiny/a/preprocessed",
+        Path("data/suites/tiny/a/features"),
+        "params.yaml",
+    )
+    assert cache.overrides == ["train.max_steps=3"] and cache.negatives == Path("data/suites/tiny/a/negatives.json")
+    assert cache.train_annotations == ANNOTATIONS_FILE
+    assert train.feature_cache == "data/suites/tiny/a/features" == str(plan.features(300))
     evaluate = parsed(per_run["evaluate"])
     assert evaluate.model == "runs/tiny/a/seed30/model"
     assert evaluate.out == Path("reports/tiny/a/seed30/metrics.json")
@@ -175,6 +186,19 @@ def test_odinw13_validate_completes_the_seeds_fewshot_files_and_train_reads_its_
         train = parsed(flows.run_commands(plan, seed, params, "params.yaml", [], with_baseline=False)["train"])
         assert train.train_annotations == f"fewshot_train_shot10_seed{seed}.json"
         assert train.run_dir == Path(f"runs/odinw13/Aquarium/seed{seed}")
+        # a cache is keyed by its annotation file: one per seed, built on the seed's few-shot file as train reads it
+        cache = parsed(flows.cache_command(plan, seed, "params.yaml", []))
+        assert cache.train_annotations == train.train_annotations
+        assert str(cache.out) == train.feature_cache == f"data/suites/odinw13/Aquarium/features/seed{seed}"
+
+
+def test_the_dvc_path_runs_cache_features_between_negatives_and_train_in_dvc_yaml_order() -> None:
+    assert [task.name for task in flows.DVC_STAGE_TASKS] == list(flows.DVC_STAGES)
+    stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
+    assert [s for s in stages if s in flows.DVC_STAGES] == [s for s in flows.DVC_STAGES if s in stages]
+    assert flows.DVC_STAGES.index("negatives") + 1 == flows.DVC_STAGES.index("cache_features")
+    assert flows.DVC_STAGES.index("cache_features") + 1 == flows.DVC_STAGES.index("train")
+    assert flows.TRAIN_TAG in flows.cache_features.tags  # the accelerators: one job at a time with the trainings
 
 
 def test_plan_suite_rejects_clashing_names_and_bad_suite_names() -> None:
@@ -331,13 +355,13 @@ def test_finetune_suite_of_3_datasets_x_2_seeds(tmp_path: Path) -> None:
 
     names = ["alpha", "beta", "gamma"]
     shapes_datasets(tmp_path / "raw", names)
-    write_params(tmp_path / "params.yaml")
+    write_params(tmp_path / "params.yaml")  # cache.enabled false: the overrides turn it on for this suite
     with prefect_test_harness(server_startup_timeout=120):
         state = flows.finetune(
             suite="tiny",
             datasets=[f"raw/{name}" for name in names],
             seeds=[0, 1],
-            overrides=["train.max_steps=3"],
+            overrides=["train.max_steps=3", "cache.enabled=true", "train.freeze=vision"],
             repo=str(tmp_path),
             return_state=True,
         )
@@ -365,17 +389,27 @@ def test_finetune_suite_of_3_datasets_x_2_seeds(tmp_path: Path) -> None:
         assert (tmp_path / row["model"] / "config.json").is_file()
         params = yaml.safe_load((tmp_path / row["model"]).parent.joinpath("params.yaml").read_text())
         assert (params["train"]["seed"], params["train"]["max_steps"]) == (row["seed"], 3)
+        assert params["cache"]["enabled"]  # so train read the features (it stops when it has no cache to read)
     assert json.loads(artifacts["finetune-tiny-metrics"].data) == rows
     summary = artifacts["finetune-tiny-summary"].data
     for row in rows:
         assert f"| {row['dataset']} | {row['seed']} | {row['value']:.4f} | {row['metrics_file']} |" in summary
     assert json.loads((tmp_path / "reports/tiny/summary.json").read_text())["runs"] == rows
 
-    # the "train" tag's limit: created at 1, and no two trainings overlapped
+    # one feature cache per dataset, built from the overrides (cache on) on all 4 training images, shared by the seeds
+    caches = sorted(t.name for t in task_runs if t.name.startswith("cache_features "))
+    assert caches == [f"cache_features {name}" for name in names]
+    for name in names:
+        manifest = json.loads((tmp_path / f"data/suites/tiny/{name}/features/manifest.json").read_text())
+        assert manifest["enabled"] and len(manifest["splits"]["train"]) == 4
+
+    # the "train" tag's limit: created at 1, and no two accelerator jobs (cache builds, trainings) overlapped
     assert limit.limit == 1
-    trainings = sorted((t for t in task_runs if t.name.startswith("train ")), key=lambda t: t.start_time)
+    trainings = [t for t in task_runs if t.name.startswith("train ")]
     assert len(trainings) == 6 and all(t.state.is_completed() for t in trainings)
-    assert all(later.start_time >= earlier.end_time for earlier, later in itertools.pairwise(trainings))
+    on_accelerators = [t for t in task_runs if t.name.split()[0] in ("train", "cache_features")]
+    jobs = sorted(on_accelerators, key=lambda t: t.start_time)
+    assert all(later.start_time >= earlier.end_time for earlier, later in itertools.pairwise(jobs))
 
 
 @pytest.mark.slow
@@ -398,8 +432,8 @@ def test_a_broken_dataset_fails_the_flow_naming_its_stages_without_retrying(tmp_
 
     assert state.is_failed()
     assert state.message.endswith(
-        "5 stage runs did not complete: validate broken, preprocess broken, negatives broken, train broken seed 0, "
-        "evaluate broken seed 0"
+        "6 stage runs did not complete: validate broken, preprocess broken, negatives broken, cache_features broken, "
+        "train broken seed 0, evaluate broken seed 0"
     )
     assert task_runs["validate broken"].run_count == 1  # the CLI said "error: ...": the data is wrong, no retry
     assert task_runs["train broken seed 0"].state.name == "NotReady"  # never started

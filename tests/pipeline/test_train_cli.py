@@ -1,12 +1,19 @@
-"""`python -m pipeline train`: dry run, parameter errors, the run folder, divergence exit, resume after SIGKILL.
+"""`python -m pipeline train`: dry run, parameter errors, the run folder, divergence exit, resume after SIGKILL,
+and `launcher.kind: slurm` with the feature cache and a few-shot annotation file.
 
-The CLI runs in this process (`pipeline.cli.main`) except the run that is killed, which must be a process of its own.
+The CLI runs in this process (`pipeline.cli.main`) except the run that is killed, which must be a process of its own,
+and the SLURM job: submitted through submitit exactly as on a cluster, where this machine has no `srun`, so
+submitit's AutoExecutor runs it with its local executor (the pickled job unpickled and run by
+`python -m submitit.core._submit` in a process of its own, started in the submission folder as SLURM starts jobs).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +27,8 @@ import yaml
 from pipeline.cli import main
 from pipeline.params import load_params, to_dict
 from sam3.checkpoint import latest_checkpoint, step_checkpoint_name
+from sam3.coco import ANNOTATIONS_FILE, load_coco, save_coco
+from sam3.features import write_disabled
 from tests.training_runs import IMAGE_SIZE, build_small_shapes, read_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,3 +210,70 @@ def test_loader_workers_train_exactly_as_the_main_process(shapes, tmp_path):
         assert torch.equal(with_workers[name], value), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "workers" / "train_stats.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# --- launcher.kind slurm ----------------------------------------------------------------------------------------------
+
+SLURM_CACHE = ("launcher.kind=slurm", "launcher.log_dir=slurm", "cache.enabled=true", "train.freeze=vision")
+
+
+def test_slurm_checks_each_datasets_feature_cache_before_submitting_anything(shapes, tmp_path, monkeypatch, capsys):
+    """A job array (--datasets a b) reads FEATURE_CACHE/<dataset name>: one written with the cache off and one
+    missing are both named, with the command that builds each, and no job is submitted."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / name).symlink_to(shapes)
+    write_disabled(tmp_path / "features" / "a")
+    args = [*_args(Path("runs"), shapes, *SLURM_CACHE), "--datasets", "a", "b", "--feature-cache", "features"]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: cache.enabled is true but features/a was written with cache.enabled false (build")
+    assert "; features/b holds no feature cache (build it: python -m pipeline cache-features b --out features/b" in line
+    assert line.endswith("nothing was submitted")
+    assert not (tmp_path / "slurm").exists() and not (tmp_path / "runs").exists()
+
+
+def wait_for_local_job(log_dir: Path, job_id: str, timeout_s: float = 300) -> str:
+    """Wait for a job of submitit's local executor to write its result; assert it succeeded; return its log."""
+    from submitit.core.utils import JobPaths, pickle_load
+
+    paths = JobPaths(log_dir, job_id, task_id=0)
+    deadline = time.monotonic() + timeout_s
+    while not paths.result_pickle.exists():
+        log = paths.stderr.read_text() if paths.stderr.exists() else ""
+        assert time.monotonic() < deadline, f"job {job_id} wrote no result within {timeout_s} s:\n{log[-3000:]}"
+        time.sleep(0.2)
+    outcome, value = pickle_load(paths.result_pickle)
+    log = paths.stderr.read_text()
+    assert outcome == "success", f"{value}\n{log[-3000:]}"
+    return log
+
+
+@pytest.mark.slow
+def test_a_slurm_job_trains_from_the_feature_cache_on_a_fewshot_file(shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user submits from the repository
+    shutil.copytree(shapes, tmp_path / "data")
+    full = load_coco(tmp_path / "data/train" / ANNOTATIONS_FILE)
+    kept = {image["id"] for image in full["images"][:2]}
+    fewshot = {
+        **full,
+        "images": full["images"][:2],
+        "annotations": [a for a in full["annotations"] if a["image_id"] in kept],
+    }
+    save_coco(tmp_path / "data/train/fewshot.json", fewshot)
+    train = [*_args(Path("run"), Path("data"), *SLURM_CACHE, "train.max_steps=2")]
+    train += ["--train-annotations", "fewshot.json", "--feature-cache", "features"]
+
+    # no cache yet: nothing submitted; the message holds the command that builds the one this run reads
+    assert main(train) == 2
+    (build,) = re.findall(r"build it: (python -m pipeline cache-features .*?)\); nothing", capsys.readouterr().err)
+    assert main(shlex.split(build)[3:]) == 0
+    assert "feature cache: 2 images x 1 views" in capsys.readouterr().out
+
+    assert main(train) == 0
+    (job_id,) = re.findall(r"^submitted (\S+): data$", capsys.readouterr().out, re.MULTILINE)
+    log = wait_for_local_job(tmp_path / "slurm", job_id)
+    assert "training from the feature cache features: 1 views per image" in log
+    assert "2 training images (2 per process)" in log  # the few-shot file's, not the split's 8
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/train_stats.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and (tmp_path / "run/model/model.safetensors").is_file()
