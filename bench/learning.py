@@ -10,11 +10,12 @@ split, model inference as `sam3.inference.predict_dataset`), seconds (training w
 `curve`: held-out AP50 every --eval-every steps (evaluation time is not counted in the budget).
 
 Settings are the recipe's from-scratch ones (SAM3_RECIPE section 1), not the fine-tuning recipe: hidden 64 tiny
-config with initializer_range 0.1 (our "tiny"), AdamW lr 1e-3 and weight decay 1e-4, 200 warm-up steps then
-cosine decay, gradient clipping 1.0, batch 8 images each with its present prompts plus 3 random absent ones,
-Hungarian matching, the recipe's box and presence losses and sigmoid focal classification (`class_loss="focal"`:
-the IoU-aware BCE stays on the plateau from scratch). Training stops at --minutes; the schedule is laid over the
-number of steps the first 20 steps' pace predicts.
+config with initializer_range 0.1 (our "tiny"), AdamW lr 1e-3 and weight decay 1e-4, 200 warm-up steps then cosine
+decay, gradient clipping 1.0, batch 8 images each with its present prompts plus 3 random absent ones, Hungarian
+matching, the recipe's box losses, the presence loss at weight 5 instead of 20 (at 20 it dominates the loss from
+scratch: seed 0 AP50 0.60 at 2,194 steps, seed 1 0.40), and sigmoid focal classification (`class_loss="focal"`: the
+IoU-aware BCE stays on the plateau from scratch). Training stops at --minutes; the schedule is laid over the number
+of steps the first 20 steps' pace predicts.
 
 The model starts with the decoder's spatial priors for training from scratch (`sam3.scratch`: reference boxes on a
 grid, a box position bias that attends inside each query's box), as every built-in random model does. Without them
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: the recipe's 1e-3)")
+    parser.add_argument(
+        "--presence-weight", type=float, default=5.0, help="presence loss weight (default 5; the recipe's is 20)"
+    )
     parser.add_argument("--augment", action="store_true", help="the reference's random warp + pad train transform")
     parser.add_argument(
         "--no-priors", action="store_true", help="transformers' random initialisation without sam3.scratch's priors"
@@ -96,7 +100,7 @@ def main() -> None:
             data, "train", image_size=IMAGE_SIZE, train=args.augment, seed=args.seed, num_negatives=3
         )
         sampler = ResumableSampler(len(dataset), seed=args.seed)
-        criterion = Criterion(class_loss="focal")
+        criterion = Criterion(class_loss="focal", weight_presence=args.presence_weight)
         # fused: one kernel for all parameters, as sam3.optim.build_optimizer uses (4x faster on the CPU)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=True)
         budget = args.minutes * 60
@@ -146,6 +150,7 @@ def main() -> None:
                 "augment": args.augment,
                 "priors": not args.no_priors,
                 "lr": args.lr,
+                "presence_weight": args.presence_weight,
                 "curve": curve,
             }
         )

@@ -116,8 +116,16 @@ def submit_slurm(
         target = Path(run_dir) / Path(dataset).name if len(datasets) > 1 else Path(run_dir)
         write_resolved_params(params, target)
         jobs_to_run.append(_SlurmTask(build_job(params, target, dataset, negatives, train_annotations, cache)))
+    if executor.cluster != "slurm":
+        # submitit falls back to running the jobs here, in the background, when it finds no SLURM: say so plainly
+        print(
+            f"no SLURM on this machine (submitit chose its {executor.cluster!r} executor): the jobs run here as "
+            f"background processes; their logs go to {launcher.log_dir}. Submit from a SLURM login node to use the "
+            "cluster, or set launcher.kind local to train in the foreground."
+        )
     with executor.batch():
         submitted = [executor.submit(task) for task in jobs_to_run]
+    where = "" if executor.cluster == "slurm" else f" ({executor.cluster}, on this machine)"
     for dataset, job in zip(datasets, submitted, strict=True):
-        print(f"submitted {job.job_id}: {dataset}")
+        print(f"submitted {job.job_id}{where}: {dataset}")
     return submitted

@@ -271,7 +271,9 @@ def test_a_slurm_job_trains_from_the_feature_cache_on_a_fewshot_file(shapes, tmp
     assert "feature cache: 2 images x 1 views" in capsys.readouterr().out
 
     assert main(train) == 0
-    (job_id,) = re.findall(r"^submitted (\S+): data$", capsys.readouterr().out, re.MULTILINE)
+    out = capsys.readouterr().out
+    assert "no SLURM on this machine" in out  # submitit's local fallback is said, not silent
+    (job_id,) = re.findall(r"^submitted (\S+) \(local, on this machine\): data$", out, re.MULTILINE)
     log = wait_for_local_job(tmp_path / "slurm", job_id)
     assert "training from the feature cache features: 1 views per image" in log
     assert "2 training images (2 per process)" in log  # the few-shot file's, not the split's 8
