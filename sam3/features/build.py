@@ -29,18 +29,8 @@ from sam3.data.dataset import CocoPromptDataset
 from sam3.data.transforms import WarpPad, sample_train_warp_pad
 from sam3.errors import ConfigError
 from sam3.features.key import cache_key, stored_levels
-from sam3.features.manifest import write_disabled  # noqa: F401  (the "off" manifest; importable from here too)
-from sam3.features.store import (
-    FORMAT,
-    STORAGE_DTYPES,
-    TEXT_FILE,
-    ShardWriter,
-    entry_name,
-    our_files,
-    pack_masks,
-    read_manifest,
-    write_manifest,
-)
+from sam3.features.manifest import FORMAT, our_files, read_manifest, write_manifest
+from sam3.features.store import STORAGE_DTYPES, TEXT_FILE, ShardWriter, entry_name, pack_masks
 from sam3.model import Sam3Detector
 from sam3.tokenizer import attention_mask, clean_text, tokenize
 

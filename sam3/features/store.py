@@ -28,9 +28,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# the manifest's helpers live in sam3.features.manifest (no torch), and are importable from here too
-from sam3.features.manifest import FORMAT, MANIFEST, our_files, read_manifest, write_manifest  # noqa: F401
-
 TEXT_FILE = "text.safetensors"
 SHARD_PATTERN = "{split}-{index:05d}.safetensors"
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}

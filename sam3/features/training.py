@@ -34,7 +34,8 @@ from sam3.data.sampler import EpochDataset
 from sam3.errors import ConfigError
 from sam3.features.build import dataset_prompts
 from sam3.features.key import cache_key, stored_levels, training_mismatches
-from sam3.features.store import FeatureStore, read_manifest
+from sam3.features.manifest import read_manifest
+from sam3.features.store import FeatureStore
 from sam3.freeze import cache_freeze_problem, freezes_text
 from sam3.model import PromptFeatures, Sam3Detector
 from sam3.tokenizer import clean_text
