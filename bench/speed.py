@@ -5,9 +5,9 @@ peak memory and model FLOP utilisation. One JSON object per line.
     python -m bench.speed --device cuda    # the full SAM 3 (840M parameters, random weights) at 1008 px, bf16
 
 Lines, in order:
-- `peak`: the device's measured dense matmul rate (`peak_tflops`; bf16 on CUDA, fp32 on CPU), the denominator of
-  MFU. A measured peak rather than the data-sheet figure: on an H100 SXM it measures near 800 TFLOP/s in bf16
-  (the data sheet says 989).
+- `peak`: the device's measured dense matmul rate (`peak_tflops`, in the step's matmul `dtype`: bf16 on CUDA and
+  with `--amp bf16`, else fp32), the denominator of MFU. A measured peak rather than the data-sheet figure: on an
+  H100 SXM it measures near 800 TFLOP/s in bf16 (the data sheet says 989).
 - `loader`: the training data path alone (`CocoPromptDataset` with the train transform over a generated dataset
   already at the model's input size, as `preprocess` leaves it, `collate_prompts`, pinned memory on CUDA, the
   trainer's epoch keys and persistent workers): `images_per_s` for each number of `workers` over the second epoch
@@ -30,7 +30,15 @@ checkpointing recomputes forwards that FlopCounterMode then counts too; MFU here
 utilisation), so compare `flops_per_image` between lines to see the recompute.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated, reset before each line. On CPU, the process's peak resident
-set size, which never goes down: a later line includes what earlier ones used.
+set size, which never goes down: a later line includes what earlier ones used. Without a GPU, `--amp bf16` runs
+the CPU under bf16 autocast, so the activations kept for the backward are bf16 as on the GPU: its peak resident
+set (which also holds the Python process, the allocator's slack and the model's construction) approximates, likely
+from above, what the same step allocates on a GPU; CPU and CUDA autocast differ in a few ops, and CUDA kernels'
+workspaces are not in it. The FLOP-counting step runs after the peak is read, and holds more memory than a plain
+step; `--no-flops` skips it where memory is short. E.g. for the 24 GB memory mode:
+
+    python -m bench.speed --device cpu --model full --freeze none --activation-checkpointing --amp bf16 \
+        --prompts 1 --max-batch 1 --warmup 1 --steps 1 --skip-loader --no-cache
 """
 
 from __future__ import annotations
@@ -57,9 +65,10 @@ from sam3.model import load_model, parameters_without_text_gradients
 from sam3.optim import OptimConfig, build_optimizer
 
 
-def measured_peak_tflops(device: torch.device, seconds: float = 2.0) -> float:
-    """Dense matmul TFLOP/s: square bf16 matmuls (n = 8192) on CUDA, fp32 (n = 1024) on CPU, for ~`seconds`."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+def measured_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Dense matmul TFLOP/s in `dtype` (the step's matmul dtype): square matmuls, n = 8192 on CUDA, 1024 on CPU,
+    for ~`seconds`."""
+    n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -114,7 +123,7 @@ def loader_lines(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def count_step_flops(model, criterion, optimizer, batch, device, args) -> float:
     """FLOPs of one training step (forward, loss, backward) under FlopCounterMode."""
     with FlopCounterMode(display=False) as counter:
-        bench_step(model, criterion, optimizer, batch, device, args.with_masks)
+        bench_step(model, criterion, optimizer, batch, device, args.with_masks, amp=args.amp)
     return float(counter.get_total_flops())
 
 
@@ -141,14 +150,16 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
         torch.cuda.reset_peak_memory_stats(device)
     try:
         for _ in range(args.warmup):
-            bench_step(step_model, criterion, optimizer, batch, device, args.with_masks)
+            bench_step(step_model, criterion, optimizer, batch, device, args.with_masks, amp=args.amp)
         sync(device)
         started = time.perf_counter()
         for _ in range(args.steps):
-            bench_step(step_model, criterion, optimizer, batch, device, args.with_masks)
+            bench_step(step_model, criterion, optimizer, batch, device, args.with_masks, amp=args.amp)
         sync(device)
         seconds = (time.perf_counter() - started) / args.steps
-        flops = count_step_flops(step_model, criterion, optimizer, batch, device, args) / batch_size
+        # read before counting FLOPs: FlopCounterMode's step holds more memory than a plain one
+        peak_mem = peak_memory_gb(device)
+        flops = None if args.no_flops else count_step_flops(step_model, criterion, optimizer, batch, device, args)
     finally:
         optimizer.state.clear()  # free the AdamW moments before the next line builds its own optimiser
         model.zero_grad(set_to_none=True)
@@ -163,11 +174,12 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
         "batch": batch_size,
         "prompts": args.prompts,
         "activation_checkpointing": args.activation_checkpointing,
+        "amp": args.amp_used,
         "images_per_s": round(rate, 3),
         "step_ms": round(seconds * 1000, 2),
-        "peak_mem_gb": round(peak_memory_gb(device), 3),
-        "flops_per_image": round(flops),
-        "mfu": round(flops * rate / (peak_tflops * 1e12), 4),
+        "peak_mem_gb": round(peak_mem, 3),
+        "flops_per_image": None if flops is None else round(flops / batch_size),
+        "mfu": None if flops is None else round(flops / batch_size * rate / (peak_tflops * 1e12), 4),
     }
 
 
@@ -208,6 +220,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per image (default: 4)")
     parser.add_argument("--with-masks", action="store_true", help="segmentation mode: mask decoder and mask losses")
     parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the trainable encoders")
+    parser.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on CPU (as the trainer); bf16 on CPU: CPU autocast, to see a bf16 "
+        "step's memory without a GPU",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     parser.add_argument("--workers", type=int, nargs="+", help="loader workers to try (default: 0 1 2 on CPU)")
@@ -215,12 +234,18 @@ def main() -> None:
     parser.add_argument("--loader-batch", type=int, default=4)
     parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--no-cache", action="store_true", help="skip the feature-cache lines")
+    parser.add_argument(
+        "--no-flops",
+        action="store_true",
+        help="skip counting FLOPs (flops_per_image and mfu null): the counted step holds more memory than a plain one",
+    )
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     device = torch.device("cuda" if cuda else "cpu")
     args.model = args.model or ("full" if cuda else "tiny")
+    args.amp_used = "bf16" if args.amp == "bf16" or (args.amp == "auto" and cuda) else "fp32"
     args.image_size = args.image_size or (1008 if args.model == "full" else 224)
     args.max_batch = args.max_batch or (32 if cuda else 8)
     args.workers = args.workers or ([0, 2, 4, 8, 12] if cuda else [0, 1, 2])
@@ -228,8 +253,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's default train.tf32
     torch.backends.cudnn.allow_tf32 = True
 
-    peak = measured_peak_tflops(device)
-    print(json.dumps({"what": "peak", "device": device.type, "peak_tflops": round(peak, 2)}), flush=True)
+    peak = measured_peak_tflops(device, torch.bfloat16 if args.amp_used == "bf16" else torch.float32)
+    line = {"what": "peak", "device": device.type, "dtype": args.amp_used, "peak_tflops": round(peak, 2)}
+    print(json.dumps(line), flush=True)
     loader = [] if args.skip_loader else loader_lines(args, device)
     for line in loader:
         print(json.dumps(line), flush=True)

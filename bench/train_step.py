@@ -102,10 +102,22 @@ def measure(detector, batch, freeze: str, args: argparse.Namespace, device: torc
     return line
 
 
-def bench_step(model, criterion, optimizer, batch, device: torch.device, with_masks: bool = False, label: str = ""):
-    """One `sam3.engine.train_step` as the trainer runs it (bf16 autocast on CUDA, fp32 on CPU, clipping at
-    GRAD_CLIP); a non-finite loss ends the benchmark (SystemExit naming `label`). Returns the StepResult."""
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+def bench_step(
+    model,
+    criterion,
+    optimizer,
+    batch,
+    device: torch.device,
+    with_masks: bool = False,
+    label: str = "",
+    amp: str = "auto",
+):
+    """One `sam3.engine.train_step` as the trainer runs it (clipping at GRAD_CLIP); a non-finite loss ends the
+    benchmark (SystemExit naming `label`). Returns the StepResult.
+
+    `amp`: "auto" is the trainer's rule (bf16 autocast on CUDA, fp32 on CPU); "bf16" autocasts on the CPU too;
+    "fp32" never autocasts."""
+    amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
     result = train_step(
         model,
         criterion,
@@ -115,6 +127,7 @@ def bench_step(model, criterion, optimizer, batch, device: torch.device, with_ma
         with_masks=with_masks,
         amp_dtype=amp_dtype,
         grad_clip=GRAD_CLIP,
+        cpu_autocast=amp == "bf16",
     )
     if not result.finite:
         raise SystemExit(f"{label + ': ' if label else ''}the loss is not finite ({float(result.loss)})")

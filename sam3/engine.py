@@ -36,10 +36,16 @@ class StepResult:
     finite: bool
 
 
-def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA; plain fp32 elsewhere (CPU autocast is slow and not what we test)."""
-    if device.type == "cuda" and amp_dtype is not None:
-        return torch.autocast("cuda", dtype=amp_dtype)
+def autocast(
+    device: torch.device, amp_dtype: torch.dtype | None, *, on_cpu: bool = False
+) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA; plain fp32 elsewhere (CPU autocast is slow and not what we train with).
+
+    `on_cpu`: autocast on the CPU too. Only `bench.speed --amp bf16` asks for it, to see on a machine without a GPU
+    what a bf16 step keeps in memory (the activations that autocast saves in bf16).
+    """
+    if amp_dtype is not None and (device.type == "cuda" or on_cpu):
+        return torch.autocast(device.type, dtype=amp_dtype)
     return contextlib.nullcontext()
 
 
@@ -54,8 +60,11 @@ def train_step(
     amp_dtype: torch.dtype | None = None,
     grad_clip: float | None = 0.1,
     scaler: torch.amp.GradScaler | None = None,
+    cpu_autocast: bool = False,
 ) -> StepResult:
-    """Accumulate gradients over `micro_batches`, then take one optimiser step (skipped if the loss is not finite)."""
+    """Accumulate gradients over `micro_batches`, then take one optimiser step (skipped if the loss is not finite).
+
+    `amp_dtype` autocasts the forward on CUDA; on the CPU only with `cpu_autocast` (see `autocast`)."""
     optimizer.zero_grad(set_to_none=True)
     num_boxes = float(sum(b.num_target_boxes for b in micro_batches))
     num_queries = sum(b.num_queries for b in micro_batches)
@@ -67,7 +76,7 @@ def train_step(
         # DDP: skip the gradient all-reduce until the last micro-batch
         no_sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
         with no_sync:
-            with autocast(device, amp_dtype):
+            with autocast(device, amp_dtype, on_cpu=cpu_autocast):
                 outputs = model(batch, with_masks=with_masks)
             losses = criterion(outputs, batch.targets, num_boxes=num_boxes, num_queries=num_queries)
             loss = losses["loss"]

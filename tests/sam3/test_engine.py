@@ -176,3 +176,17 @@ def test_ddp_nan_on_one_rank_skips_the_step_on_every_rank(samples, tmp_path):
     for p0, p1 in zip(ranks[0]["after_second"], ranks[1]["after_second"], strict=True):
         assert torch.equal(p0, p1)  # the next step ran on both ranks, with the same all-reduced gradient
     assert any(not torch.equal(p, p0) for p, p0 in zip(ranks[0]["after_second"], initial, strict=True))
+
+
+def test_autocast_is_fp32_on_cpu_unless_cpu_autocast_is_asked():
+    """The trainer's CPU path stays fp32 whatever amp_dtype says; `on_cpu` (bench.speed --amp bf16) casts matmuls."""
+    from sam3.engine import autocast
+
+    cpu = torch.device("cpu")
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast(cpu, torch.bfloat16):
+        assert (a @ b).dtype == torch.float32
+    with autocast(cpu, torch.bfloat16, on_cpu=True):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(cpu, None, on_cpu=True):
+        assert (a @ b).dtype == torch.float32
