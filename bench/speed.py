@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cache import CACHE_FREEZE_MODES, feature_batch
-from bench.train_step import bench_step, sync, synthetic_batch
+from bench.train_step import amp_used, bench_step, sync, synthetic_batch
 from pipeline.shapes_data import build_shapes_dataset
 from sam3.data import CocoPromptDataset, collate_prompts
 from sam3.data.sampler import EpochKeyed, ResumableSampler
@@ -245,7 +245,7 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is available")
     device = torch.device("cuda" if cuda else "cpu")
     args.model = args.model or ("full" if cuda else "tiny")
-    args.amp_used = "bf16" if args.amp == "bf16" or (args.amp == "auto" and cuda) else "fp32"
+    args.amp_used = amp_used(args.amp, device)
     args.image_size = args.image_size or (1008 if args.model == "full" else 224)
     args.max_batch = args.max_batch or (32 if cuda else 8)
     args.workers = args.workers or ([0, 2, 4, 8, 12] if cuda else [0, 1, 2])

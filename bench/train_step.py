@@ -102,6 +102,12 @@ def measure(detector, batch, freeze: str, args: argparse.Namespace, device: torc
     return line
 
 
+def amp_used(amp: str, device: torch.device) -> str:
+    """What `--amp` (auto | bf16 | fp32) means on `device`, as "bf16" or "fp32". auto is the trainer's rule: bf16
+    autocast on CUDA, fp32 on CPU."""
+    return "bf16" if amp == "bf16" or (amp == "auto" and device.type == "cuda") else "fp32"
+
+
 def bench_step(
     model,
     criterion,
@@ -115,9 +121,8 @@ def bench_step(
     """One `sam3.engine.train_step` as the trainer runs it (clipping at GRAD_CLIP); a non-finite loss ends the
     benchmark (SystemExit naming `label`). Returns the StepResult.
 
-    `amp`: "auto" is the trainer's rule (bf16 autocast on CUDA, fp32 on CPU); "bf16" autocasts on the CPU too;
-    "fp32" never autocasts."""
-    amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
+    `amp`: see `amp_used`; "bf16" autocasts on the CPU too, "fp32" never autocasts."""
+    amp_dtype = torch.bfloat16 if amp_used(amp, device) == "bf16" else None
     result = train_step(
         model,
         criterion,

@@ -116,7 +116,8 @@ def submit_slurm(
         target = Path(run_dir) / Path(dataset).name if len(datasets) > 1 else Path(run_dir)
         write_resolved_params(params, target)
         jobs_to_run.append(_SlurmTask(build_job(params, target, dataset, negatives, train_annotations, cache)))
-    if executor.cluster != "slurm":
+    on_this_machine = executor.cluster != "slurm"
+    if on_this_machine:
         # submitit falls back to running the jobs here, in the background, when it finds no SLURM: say so plainly
         print(
             f"no SLURM on this machine (submitit chose its {executor.cluster!r} executor): the jobs run here as "
@@ -125,7 +126,7 @@ def submit_slurm(
         )
     with executor.batch():
         submitted = [executor.submit(task) for task in jobs_to_run]
-    where = "" if executor.cluster == "slurm" else f" ({executor.cluster}, on this machine)"
+    where = f" ({executor.cluster}, on this machine)" if on_this_machine else ""
     for dataset, job in zip(datasets, submitted, strict=True):
         print(f"submitted {job.job_id}{where}: {dataset}")
     return submitted
