@@ -9,7 +9,7 @@ Prints one JSON object: ap50_before, ap50_after (pycocotools through sam3.evalua
 split, model inference as `sam3.inference.predict_dataset`), seconds (training wall time), steps, settings, and
 `curve`: held-out AP50 every --eval-every steps (evaluation time is not counted in the budget).
 
-Settings are the recipe's from-scratch ones (SAM3_RECIPE section 1), not the fine-tuning recipe: hidden 64 tiny
+Settings are the recipe's from-scratch ones (docs/RECIPE.md section 1), not the fine-tuning recipe: hidden 64 tiny
 config with initializer_range 0.1 (our "tiny"), AdamW lr 1e-3 and weight decay 1e-4, 200 warm-up steps then cosine
 decay, gradient clipping 1.0, batch 8 images each with its present prompts plus 3 random absent ones, Hungarian
 matching, the recipe's box losses, the presence loss at weight 5 instead of 20 (at 20 it dominates the loss from
@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.shapes_data import build_shapes_dataset
+from sam3.config import LossConfig
 from sam3.data import CocoPromptDataset, collate_prompts
 from sam3.data.sampler import ResumableSampler
 from sam3.engine import train_step
@@ -100,7 +101,7 @@ def main() -> None:
             data, "train", image_size=IMAGE_SIZE, train=args.augment, seed=args.seed, num_negatives=3
         )
         sampler = ResumableSampler(len(dataset), seed=args.seed)
-        criterion = Criterion(class_loss="focal", weight_presence=args.presence_weight)
+        criterion = Criterion(LossConfig(class_loss="focal", weight_presence=args.presence_weight))
         # fused: one kernel for all parameters, as sam3.optim.build_optimizer uses (4x faster on the CPU)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=True)
         budget = args.minutes * 60

@@ -55,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.cache import CACHE_FREEZE_MODES, feature_batch
 from bench.train_step import amp_used, bench_step, sync, synthetic_batch
 from pipeline.shapes_data import build_shapes_dataset
+from sam3.config import SAM3_IMAGE_SIZE
 from sam3.data import CocoPromptDataset, collate_prompts
 from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.features import CachedDetector
@@ -246,7 +247,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     args.model = args.model or ("full" if cuda else "tiny")
     args.amp_used = amp_used(args.amp, device)
-    args.image_size = args.image_size or (1008 if args.model == "full" else 224)
+    args.image_size = args.image_size or (SAM3_IMAGE_SIZE if args.model == "full" else 224)
     args.max_batch = args.max_batch or (32 if cuda else 8)
     args.workers = args.workers or ([0, 2, 4, 8, 12] if cuda else [0, 1, 2])
     args.loader_images = args.loader_images or (256 if cuda else 64)

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from sam3.config import GRAD_CLIP, SAM3_IMAGE_SIZE
 from sam3.data import PromptQuery, PromptSample, collate_prompts
 from sam3.engine import train_step
 from sam3.freeze import FREEZE_MODES, apply_freeze
@@ -33,7 +34,6 @@ from sam3.model import load_model, parameters_without_text_gradients
 from sam3.optim import OptimConfig, build_optimizer
 
 PHRASES = ("red circle", "blue square", "green triangle", "yellow star", "dog", "car", "person", "tree")
-GRAD_CLIP = 0.1  # the recipe's (SAM3_RECIPE section 4), as params.yaml's train.grad_clip
 
 
 def synthetic_batch(batch: int, image_size: int, prompts: int, with_masks: bool, seed: int = 0):
@@ -161,7 +161,7 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     args.model = args.model or ("full" if cuda else "tiny")
-    args.image_size = args.image_size or (1008 if args.model == "full" else 224)
+    args.image_size = args.image_size or (SAM3_IMAGE_SIZE if args.model == "full" else 224)
     args.batch = args.batch or (1 if cuda else 2)
     modes = args.freeze or (list(FREEZE_MODES) if cuda else ["none"])
     device = torch.device("cuda" if cuda else "cpu")

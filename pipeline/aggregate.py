@@ -9,7 +9,7 @@ Inputs are the evaluate/score stage's metrics.json files, one per run:
 `--results` is that root folder, or a glob matching root folders or the metrics files themselves (the dataset, and
 seed, are then read from the folders above each file).
 
-Summaries (SAM3_RECIPE section 5):
+Summaries (docs/RECIPE.md section 5):
     rf100vl   mean over datasets, and mean per domain (`pipeline.suites`), each with its count
     odinw13   m_s = mean over the datasets of seed s; then mean over seeds  m = (1/S) sum_s m_s and the sample
               standard deviation  sd = sqrt( sum_s (m_s - m)^2 / (S - 1) )  (ddof 1: the seeds are a sample of the
@@ -33,6 +33,7 @@ from typing import Any
 
 from pipeline.suites import ODINW13_DATASETS, ODINW13_SEEDS, UNKNOWN_DOMAIN, rf100vl_domains
 from sam3.errors import ConfigError, DataError
+from sam3.io import write_json, write_text  # atomic
 
 log = logging.getLogger(__name__)
 
@@ -281,14 +282,6 @@ def _left_out_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write `text` atomically, creating parent folders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", required=True, choices=SUITES, help="which benchmark suite")
     parser.add_argument("--results", required=True, help="root folder of the runs, or a glob (quote it)")
@@ -303,8 +296,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.score import write_json
-
     result = aggregate(args.suite, args.results, args.metric, args.domains)
     write_json(args.out_json, result)
     markdown = rf100vl_markdown(result) if args.suite == "rf100vl" else odinw13_markdown(result)

@@ -1,36 +1,35 @@
-"""`python -m pipeline cache-features DATASET --out DIR [--params FILE [--set section.key=value ...]] [--model SOURCE]
-[--views V] [--mode M] ...`.
+"""`python -m pipeline cache-features DATASET --out DIR [--params FILE] [--set section.key=value ...] [--negatives F]
+[--train-annotations NAME] [--splits S ...]`.
 
 Runs the frozen encoders once and stores their outputs (sam3.features): the vision encoder on every image of the
 cached splits, in V views (view 0 the plain warp, views 1..V-1 seeded random warp-pads), and the text encoder on
 every prompt (category names and the negatives file's phrases). Training reads them with `cache.enabled: true`.
 
-Settings come from the options; options left out come from `--params FILE` when given (model.source,
-model.image_size, model.mode and the `cache` section), with `--set` overrides over it as train takes them (the DVC
+Settings: model.source, model.image_size, model.mode and the `cache` section of the params (`--params`, else
+params.yaml here when present, else the defaults), with `--set` overrides over them as train takes them (the DVC
 suites pass their train_flags, the Prefect suite path its overrides, so the cache is built for the run's own
-settings), else from the defaults. Idempotent: a folder whose manifest holds the same key (model weights, sizes,
+settings); `--model`, `--image-size`, `--mode`, `--views`, `--dtype`, `--seed` are short for the matching `--set`.
+Idempotent: a folder whose manifest holds the same key (model weights, sizes,
 views, seed, dtype, data, prompts, library versions) is left as it is.
 
 With `--params` and cache.enabled false (the DVC stage while the cache is off) it writes only a manifest saying so:
 no model is loaded, nothing is computed and neither torch nor transformers is imported, so the stage costs about a
-second and the train stage's input stays the same. With `--params` and cache.enabled true, a `train.freeze` that
-trains the vision encoder is refused before anything is built (the run could not read the cache).
+second and the train stage's input stays the same. With cache.enabled true, a `train.freeze` that trains the vision
+encoder is refused by the params loader before anything is built (the run could not read the cache).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.params import Params, load_params
+from pipeline.stage_args import Shorthand, add_params_arguments, stage_params
 from sam3.coco import ANNOTATIONS_FILE
 from sam3.config import CACHE_DTYPES, DEVICE_CHOICES, CacheConfig
 
 log = logging.getLogger(__name__)
-
-MODES = ("detection", "segmentation")
 
 
 @dataclass
@@ -43,25 +42,19 @@ class CacheSettings:
     cache: CacheConfig
 
 
+SHORTHANDS = (
+    Shorthand("--model", "model.source", help="tiny | full | a transformers model folder"),
+    Shorthand("--image-size", "model.image_size", int, help="model input side (default: the model's own)"),
+    Shorthand("--mode", "model.mode", help="detection caches the 1x FPN level; segmentation all three"),
+    Shorthand("--views", "cache.views", int, help="views per image: 0 the plain warp, 1.. random warp-pads"),
+    Shorthand("--dtype", "cache.dtype", help=f"storage precision: {' | '.join(CACHE_DTYPES)}"),
+    Shorthand("--seed", "cache.seed", int, help="seed of the views' warp-pads"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="dataset folder: {train,valid,test}/_annotations.coco.json + images")
     parser.add_argument("--out", required=True, type=Path, help="cache folder (manifest.json + safetensors shards)")
-    parser.add_argument("--params", help="fill options left out from this params file (model and cache sections)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",  # `--set a=1 b=2` as DVC unpacks a suite's train_flags, and `--set a=1 --set b=2`
-        nargs="+",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a param of --params (as train's --set: pass the run's overrides here too)",
-    )
-    parser.add_argument("--model", help="tiny | full | a transformers model folder (default: tiny)")
-    parser.add_argument("--image-size", type=int, help="model input side (default: the model's own)")
-    parser.add_argument("--mode", choices=MODES, help="detection caches the 1x FPN level; segmentation all three")
-    parser.add_argument("--views", type=int, help="views per image: 0 the plain warp, 1.. random warp-pads (default 1)")
-    parser.add_argument("--dtype", choices=CACHE_DTYPES, help="storage precision (default fp16)")
-    parser.add_argument("--seed", type=int, help="seed of the views' warp-pads (default 0)")
     parser.add_argument("--splits", nargs="+", default=["train"], help="splits to cache (default: train)")
     parser.add_argument("--negatives", type=Path, help="negatives file: its phrases' embeddings are cached too")
     parser.add_argument(
@@ -72,40 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto (default): CUDA when available")
     parser.add_argument("--batch-size", type=int, default=8, help="images (views) per vision-encoder call")
     parser.add_argument("--shard-mb", type=int, default=1024, help="approximate size of one shard file in MB")
+    add_params_arguments(parser, SHORTHANDS)
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[CacheSettings, bool]:
-    """The settings to build with, and whether the cache is on (off only when --params, with the --set overrides,
-    says cache.enabled false)."""
-    params = load_params(args.params, args.overrides)
-    check_freeze(params, args.params)
-    cache = params.cache
-    cache = replace(
-        cache,
-        views=args.views if args.views is not None else cache.views,
-        dtype=args.dtype or cache.dtype,
-        seed=args.seed if args.seed is not None else cache.seed,
-    )
+    """The settings to build with, and whether the cache is on. An explicit `--params` decides with its
+    cache.enabled (what the pipeline's stage passes); without it the command was asked by hand, and builds."""
+    params = stage_params(args, SHORTHANDS)
     settings = CacheSettings(
-        model=args.model or params.model.source,
-        image_size=args.image_size if args.image_size is not None else params.model.image_size,
-        mode=args.mode or params.model.mode,
-        cache=cache,
+        model=params.model.source,
+        image_size=params.model.image_size,
+        mode=params.model.mode,
+        cache=params.cache,
     )
     return settings, bool(params.cache.enabled) if args.params else True
-
-
-def check_freeze(params: Params, params_file: str | None) -> None:
-    """ConfigError when the params file turns the cache on for a run whose vision encoder trains: the run could not
-    read what would be built (said before any model is loaded)."""
-    if not (params_file and params.cache.enabled):
-        return
-    from sam3.errors import ConfigError
-    from sam3.freeze import cache_freeze_problem
-
-    problem = cache_freeze_problem(params.train.freeze)
-    if problem:
-        raise ConfigError(f"{params_file}: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Collection
 
+from pipeline.logs import configure_logging
 from sam3.errors import Sam3Error
 
 # (command, module, help). Modules are imported only for the command being run: several import torch and
@@ -43,6 +43,11 @@ STAGES = (
         "suite tables: RF100-VL mean AP per domain, ODinW13 mean and spread over seeds",
     ),
     (
+        "dvc-yaml",
+        "pipeline.dvc_yaml",
+        "write dvc.yaml and the suites' dvc.yaml from pipeline/stages.py (--check: only compare)",
+    ),
+    (
         "suite-params",
         "pipeline.suite_params",
         "list a suite's datasets found on disk in suites/<suite>/params.yaml (DVC)",
@@ -69,15 +74,6 @@ def build_parser(complete: Collection[str] = COMMANDS) -> argparse.ArgumentParse
 def requested_command(argv: list[str]) -> str | None:
     """The first known command name in `argv` (the options before it take no values), or None."""
     return next((arg for arg in argv if arg in COMMANDS), None)
-
-
-def configure_logging(verbose: bool = False) -> None:
-    """The commands' log format on stderr, INFO (DEBUG with -v) and up; also what a SLURM job logs with."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -222,10 +222,9 @@ def segment_coins(gray: np.ndarray) -> np.ndarray:
 def load_coins() -> Source:
     """scikit-image's coins photo (grey, as RGB) with watershed masks, category `coin`."""
     path = package_file("skimage", "data/coins.png", "pip install scikit-image")
-    from PIL import Image
+    from sam3.images import read_image
 
-    with Image.open(path) as image:
-        gray = np.asarray(image.convert("L"))
+    gray = np.asarray(read_image(path, mode="L"))
     labels = segment_coins(gray)
     instances = [("coin", labels == label) for label in range(1, int(labels.max()) + 1)]
     return Source("coins", gray_to_rgb(gray), instances, [("coin", "money")])

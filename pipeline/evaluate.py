@@ -1,9 +1,12 @@
 """Stage `evaluate`: a model and a dataset split in; predictions, metrics.json, plot data, a before/after table out.
 
-    python -m pipeline evaluate --model DIR_OR_tiny --dataset DIR --split test --out metrics.json
-        [--mode detection|segmentation] [--predictions OUT.json] [--plots-dir DIR] [--baseline SOURCE]
-        [--gt-original FILE] [--prompt-chunk N] [--max-dets 100] [--batch-size N] [--device auto|cpu|cuda]
-        [--image-size N]
+    python -m pipeline evaluate --model DIR_OR_tiny --dataset DIR --out metrics.json [--predictions OUT.json]
+        [--plots-dir DIR] [--gt-original FILE_OR_DIR] [--batch-size N] [--device auto|cpu|cuda]
+        [--params FILE] [--set section.key=value ...]
+
+Settings: params.yaml's `evaluate` section (split, baseline, prompt_chunk, max_dets) and model.mode /
+model.image_size; `--split`, `--mode`, `--baseline`, `--prompt-chunk`, `--max-dets`, `--image-size` are short for the
+matching `--set`. `evaluate.baseline: null` evaluates no baseline.
 
 1. Inference (`sam3.inference.predict_dataset`): prompts = the split's category names; top `--max-dets` detections
    per image across prompts; boxes (and masks) in ORIGINAL image coordinates. Saved as a COCO results file
@@ -24,7 +27,7 @@
    which is also printed.
 
 Every model is loaded before any inference runs, so a wrong folder fails at once. JSON files are written with
-sorted keys and indent 2 (`pipeline.score.write_json`): reruns on CPU give byte-identical files.
+sorted keys and indent 2 (`sam3.io.write_json`, atomic): reruns on CPU give byte-identical files.
 """
 
 from __future__ import annotations
@@ -35,10 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.score import summary_line, write_json
-from sam3.coco import load_coco, present_splits, split_annotation_path
+from pipeline.score import summary_line
+from pipeline.stage_args import Shorthand, add_params_arguments, stage_params
+from sam3.coco import split_annotation_path
+from sam3.coco_split import CocoSplit
 from sam3.errors import DataError
-from sam3.evaluation.ground_truth import scale_to_original, score_predictions
+from sam3.evaluation.ground_truth import (
+    scale_to_original,  # noqa: F401  (tests use evaluate.scale_to_original)
+    score_predictions,
+    split_ground_truth,
+)
+from sam3.io import write_json, write_text
 from sam3.resize import original_size
 
 log = logging.getLogger(__name__)
@@ -77,51 +87,43 @@ class EvalOptions:
     image_size: int | None  # None: the model's own input size
 
 
+SHORTHANDS = (
+    Shorthand("--split", "evaluate.split", help="split to evaluate"),
+    Shorthand("--mode", "model.mode", help="detection | segmentation (adds masks and mask AP)"),
+    Shorthand("--baseline", "evaluate.baseline", help="also evaluate this model (e.g. before fine-tuning) and compare"),
+    Shorthand("--prompt-chunk", "evaluate.prompt_chunk", int, help="prompts per decoder call; lower it on OOM"),
+    Shorthand("--max-dets", "evaluate.max_dets", int, help="detections kept per image, across prompts"),
+    Shorthand("--image-size", "model.image_size", int, help="model input size (default: the model's own)"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sam3.inference import DEFAULT_MAX_DETS, DEFAULT_PROMPT_CHUNK, DEVICE_CHOICES
+    from sam3.inference import DEVICE_CHOICES
 
     parser.add_argument("--model", required=True, help="'tiny', 'full' or a model folder (transformers format)")
     parser.add_argument("--dataset", required=True, type=Path, help="dataset folder (Roboflow COCO layout)")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--out", required=True, type=Path, help="metrics file to write (json)")
-    parser.add_argument(
-        "--mode", choices=MODES, default="detection", help="segmentation adds masks and mask AP (default: %(default)s)"
-    )
     parser.add_argument(
         "--predictions", type=Path, help=f"COCO results file to write (default: {PREDICTIONS_FILE} next to --out)"
     )
     parser.add_argument("--plots-dir", type=Path, help=f"write {PER_CATEGORY_PLOT} and {PR_CURVE_PLOT} here")
-    parser.add_argument("--baseline", help="also evaluate this model (e.g. before fine-tuning) and compare")
     parser.add_argument(
         "--gt-original",
         type=Path,
-        help="score against this annotation file from before preprocessing (exact masks) instead of scaling the "
-        "split's annotations back to the original size",
-    )
-    parser.add_argument(
-        "--prompt-chunk",
-        type=int,
-        default=DEFAULT_PROMPT_CHUNK,
-        help="prompts per decoder call; lower it if memory runs out (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-dets",
-        type=int,
-        default=DEFAULT_MAX_DETS,
-        help="detections kept per image, across prompts (default: %(default)s)",
+        help="score against this annotation file from before preprocessing (exact masks), or the same split's file "
+        "of this dataset folder (the clean copy), instead of scaling the split's annotations back to the original size",
     )
     parser.add_argument(
         "--batch-size", type=int, default=1, help="images per vision-encoder call (default: %(default)s)"
     )
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto (default): CUDA when available")
-    parser.add_argument("--image-size", type=int, help="model input size (default: the model's own)")
+    add_params_arguments(parser, SHORTHANDS)
 
 
-def check_original(original: dict[str, Any], split_gt: dict[str, Any], source: Path) -> None:
+def check_original(original: CocoSplit, split_gt: CocoSplit, source: Path) -> None:
     """DataError unless `original` has the split's image ids with its original sizes, and the same categories."""
-    by_id = {image.get("id"): image for image in original.get("images", [])}
-    for image in split_gt["images"]:
-        other = by_id.get(image["id"])
+    for image in split_gt.images.values():
+        other = original.images.get(image["id"])
         if other is None:
             raise DataError(
                 f"{source}: image id {image['id']} ({image.get('file_name')}) of the split is missing; "
@@ -134,31 +136,24 @@ def check_original(original: dict[str, Any], split_gt: dict[str, Any], source: P
                 f"records its original size as {expected[0]}x{expected[1]}; --gt-original must be the file the "
                 "split was preprocessed from"
             )
-    extra = len(by_id) - len(split_gt["images"])
+    extra = len(original.images) - len(split_gt.images)
     if extra > 0:
         raise DataError(f"{source}: {extra} images that the split does not have; give the same split's file")
-
-    def names(coco: dict[str, Any]) -> dict[Any, Any]:
-        return {c.get("id"): c.get("name") for c in coco.get("categories", [])}
-
-    if names(original) != names(split_gt):
+    if original.categories != split_gt.categories:
         raise DataError(f"{source}: categories differ from the split's; predictions use the split's category ids")
 
 
 def ground_truth(dataset_dir: Path, split: str, gt_original: Path | None = None) -> dict[str, Any]:
-    """The split's GT in original image coordinates (see the module docstring, step 2)."""
-    path = split_annotation_path(dataset_dir, split)
-    if not path.is_file():
-        raise DataError(f"{path}: split {split!r} not found; this dataset has {', '.join(present_splits(dataset_dir))}")
-    split_gt = load_coco(path)
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(split_gt.get(key), list):
-            raise DataError(f"{path}: '{key}' must be a list (COCO format); run the validate stage")
+    """The split's GT in original image coordinates (see the module docstring, step 2); both files are checked and
+    indexed by `CocoSplit`."""
     if gt_original is None:
-        return scale_to_original(split_gt)
-    original = load_coco(gt_original)
+        return split_ground_truth(dataset_dir, split)
+    split_gt = CocoSplit.read(dataset_dir, split)
+    if gt_original.is_dir():  # the dataset before preprocessing: its file of the same split
+        gt_original = split_annotation_path(gt_original, split)
+    original = CocoSplit.load(gt_original)
     check_original(original, split_gt, gt_original)
-    return original
+    return original.data
 
 
 def run_inference(detector: Any, dataset_dir: Path, split: str, options: EvalOptions) -> list[dict[str, Any]]:
@@ -263,23 +258,24 @@ def check_masks(gt: dict[str, Any], source: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    params = stage_params(args, SHORTHANDS)
     options = EvalOptions(
-        with_masks=args.mode == "segmentation",
-        prompt_chunk=args.prompt_chunk,
-        max_dets=args.max_dets,
+        with_masks=params.model.mode == "segmentation",
+        prompt_chunk=params.evaluate.prompt_chunk,
+        max_dets=params.evaluate.max_dets,
         batch_size=args.batch_size,
         device=args.device,
-        image_size=args.image_size,
+        image_size=params.model.image_size,
     )
     result = evaluate(
         args.model,
         args.dataset,
-        args.split,
+        params.evaluate.split,
         args.out,
         options,
         predictions_file=args.predictions,
         plots_dir=args.plots_dir,
-        baseline=args.baseline,
+        baseline=params.evaluate.baseline,
         gt_original=args.gt_original,
     )
     iou_type = "segm" if options.with_masks else "bbox"
@@ -289,9 +285,3 @@ def run(args: argparse.Namespace) -> int:
         print(result.report, end="")
     print(f"wrote {args.out} and {result.predictions_file}")
     return 0
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file, creating parent folders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")

@@ -9,7 +9,7 @@ rf100vl  Layout ROOT/<dataset>/{train,valid,test}/_annotations.coco.json. The da
          ROBOFLOW_API_KEY is set and the network answers. Otherwise the stage prints what to install and export,
          the layout and which datasets are present / missing, and exits 2 (ConfigError / DataError).
          Exit 0 when every dataset of the list is complete.
-odinw13  Cannot be downloaded here (GLIP's download). Checks each of the 13 training folders (SAM3_RECIPE
+odinw13  Cannot be downloaded here (GLIP's download). Checks each of the 13 training folders (docs/RECIPE.md
          section 5, names with spaces) and, in each present one, the few-shot files
          `fewshot_train_shot{k}_seed{3,30,300}.json`: present ones are used as they are; missing ones are generated
          by `pipeline.fewshot.make_fewshot` from the folder's full training annotations, and the output says so.

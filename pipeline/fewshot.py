@@ -1,6 +1,6 @@
 """Deterministic GLIP-style few-shot training files: k instances per category drawn from a full COCO training set.
 
-ODinW13 10-shot trains on `fewshot_train_shot10_seed{3,30,300}.json` (SAM3_RECIPE section 5). GLIP's download ships
+ODinW13 10-shot trains on `fewshot_train_shot10_seed{3,30,300}.json` (docs/RECIPE.md section 5). GLIP's download ships
 them; when a copy lacks them, `make_fewshot` draws an equivalent subset. The rule, exactly:
 
 1. image ids sorted ascending, then permuted by `numpy.random.default_rng(seed).permutation` (so the draw depends

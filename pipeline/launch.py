@@ -56,7 +56,7 @@ class _SlurmTask:
     def __call__(self):
         import submitit
 
-        from pipeline.cli import configure_logging
+        from pipeline.logs import configure_logging
         from sam3.trainer import train
 
         configure_logging()  # the job's log says what a local run's says (images, steps, the feature cache read)
@@ -93,7 +93,7 @@ def submit_slurm(
     SLURM starts the job (and submitit's local fallback its processes)."""
     import submitit
 
-    from pipeline.train import build_job, write_resolved_params
+    from pipeline.train_job import build_job, write_resolved_params
 
     launcher = params.launcher
     executor = submitit.AutoExecutor(folder=launcher.log_dir)

@@ -1,10 +1,13 @@
 """Stage `negatives`: extra negative phrases per image (prompts that must find nothing there), for training.
 
-    python -m pipeline negatives DATASET_DIR --out negatives.json [--split train] [--per-image 30]
-        [--strategy absent|bank|mined ...] [--model SOURCE] [--seed 0] [--similarity-threshold 0.9]
-        [--score-threshold 0.5] [--mine-candidates 64] [--device cpu|cuda]
+    python -m pipeline negatives DATASET_DIR --out negatives.json [--split train] [--device cpu|cuda]
+        [--params FILE] [--set section.key=value ...]
 
-Why: SAM 3's paper raised cgF1 from 31.8 to 49.2 by going from 0 to 30 hard negatives per image (SAM3_RECIPE 2).
+Settings: params.yaml's `negatives` section and model.source; `--per-image`, `--strategy absent|bank|mined ...`,
+`--model`, `--seed`, `--similarity-threshold`, `--score-threshold`, `--mine-candidates` are short for their `--set`.
+
+Why: SAM 3's paper raised cgF1 from 31.8 to 49.2 by going from 0 to 30 hard negatives per image
+(docs/RECIPE.md section 2).
 
 The strategies run in the order given, each filling the image's list up to `per_image` phrases:
 - absent: the dataset categories with no annotation in the image, in category id order (the reference's negatives).
@@ -17,8 +20,8 @@ The strategies run in the order given, each filling the image's list up to `per_
   similarity threshold.
 - mined:  the model's own false positives. The bank's ranking (same exclusions, minus phrases already chosen) gives
   `mine_candidates` phrases; the model runs on the image (validation transform) with each, scoring a phrase by
-  max over the decoder queries of sigmoid(logit) * sigmoid(presence) (the inference score, SAM3_RECIPE 5). Those
-  scoring above the score threshold are kept, highest score first (ties: candidate order).
+  max over the decoder queries of sigmoid(logit) * sigmoid(presence) (the inference score, docs/RECIPE.md
+  section 5). Those scoring above the score threshold are kept, highest score first (ties: candidate order).
 
 "Naming a category" compares names as the model reads them (`sam3.tokenizer.clean_text`) and also matches plural and
 singular forms (+s / +es) and a bank sense in parentheses ("bat (animal)" names "bat"). An absent category naming a
@@ -44,8 +47,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sam3.coco import load_coco, present_splits, split_annotation_path
-from sam3.errors import ConfigError, DataError
+from pipeline.stage_args import Shorthand, add_params_arguments, stage_params
+from sam3.coco_split import CocoSplit
+from sam3.config import DEFAULT_PROMPT_CHUNK
+from sam3.errors import ConfigError
+from sam3.io import write_json
 from sam3.tokenizer import clean_text
 
 if TYPE_CHECKING:  # torch and the model load only when the bank or mined strategy runs
@@ -59,7 +65,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("absent", "bank", "mined")
 MODEL_STRATEGIES: tuple[str, ...] = ("bank", "mined")  # the ones that need --model
-MINE_PROMPT_CHUNK = 16  # prompts per decoder call when mining: bounds memory at 1008 px (Q pairs of 200 queries)
+MINE_PROMPT_CHUNK = DEFAULT_PROMPT_CHUNK  # prompts per decoder call when mining, as at inference (bounds memory)
 SCORE_DECIMALS = 6  # mined scores are written rounded: the file stays readable, the choice used the exact value
 _QUALIFIER = re.compile(r"\s*\([^()]*\)$")  # a trailing "(sense)", as in LVIS names
 
@@ -123,44 +129,13 @@ def read_split(dataset_dir: str | Path, split: str) -> tuple[list[str], list[Spl
     """Category names (id order) and the split's images (id order) with the categories present in each.
 
     A category is present in an image when any annotation of the image has it (crowd ones included: such a
-    category is not absent either). Raises DataError for a missing split or inconsistent ids.
+    category is not absent either). Raises DataError for a missing split or inconsistent ids (`CocoSplit`).
     """
-    splits = present_splits(dataset_dir)
-    annotation_file = split_annotation_path(dataset_dir, split)
-    if split not in splits:
-        raise DataError(f"{annotation_file}: split {split!r} not found; this dataset has {', '.join(splits)}")
-    coco = load_coco(annotation_file)
-    categories: dict[int, str] = {}
-    for category in coco.get("categories") or []:
-        cat_id, name = category.get("id"), category.get("name")
-        if not isinstance(cat_id, int) or not isinstance(name, str) or not name.strip() or cat_id in categories:
-            raise DataError(f"{annotation_file}: category {category} needs a unique integer id and a non-empty name")
-        categories[cat_id] = name
-    if not categories:
-        raise DataError(f"{annotation_file}: no categories; negatives are chosen relative to the category names")
-    files: dict[int, str] = {}
-    for image in coco.get("images") or []:
-        image_id = image.get("id") if isinstance(image, dict) else None
-        if not isinstance(image_id, int) or image_id in files or not isinstance(image.get("file_name"), str):
-            raise DataError(
-                f"{annotation_file}: image entry {str(image)[:80]} needs a unique integer id and a file_name; "
-                "run the validate stage"
-            )
-        files[image_id] = image["file_name"]
-    present: dict[int, set[int]] = {image_id: set() for image_id in files}
-    for ann in coco.get("annotations") or []:
-        image_id, cat_id = ann.get("image_id"), ann.get("category_id")
-        if image_id not in present or cat_id not in categories:
-            raise DataError(
-                f"{annotation_file}: annotation {ann.get('id')} refers to image id {image_id} / category id {cat_id}, "
-                "not both listed; run the validate stage"
-            )
-        present[image_id].add(cat_id)
-    images = [
-        SplitImage(image_id, annotation_file.parent / files[image_id], tuple(categories[c] for c in sorted(cats)))
-        for image_id, cats in sorted(present.items())
+    coco = CocoSplit.read(dataset_dir, split)
+    return list(coco.categories.values()), [
+        SplitImage(i, coco.image_path(i), tuple(coco.categories[c] for c in coco.present_categories(i)))
+        for i in sorted(coco.images)
     ]
-    return [categories[c] for c in sorted(categories)], images
 
 
 def image_rng(seed: int, image_id: int) -> np.random.Generator:
@@ -233,18 +208,12 @@ def first_unused(phrases: list[str], used: set[str], count: int) -> list[str]:
 def load_val_image(path: Path, image_id: int, image_size: int) -> torch.Tensor:
     """float [3, S, S]: the image warped to S x S and normalised (`sam3.data.transforms.val_transform`)."""
     import torch
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as F
 
     from sam3.data.transforms import val_transform
+    from sam3.images import read_record_image
 
-    try:
-        with Image.open(path) as pil:
-            rgb = pil.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file of image id {image_id} not found; restore it or run validate") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode image id {image_id} ({err}); replace it or run validate") from None
+    rgb = read_record_image(path, image_id)  # upright, as the dataset reads it for training
     return val_transform(F.pil_to_tensor(rgb), torch.zeros(0, 4), None, image_size).image
 
 
@@ -256,6 +225,7 @@ def phrase_scores(model: Sam3Detector, image: torch.Tensor, phrases: list[str]) 
     """
     import torch
 
+    from sam3.inference import detection_scores
     from sam3.tokenizer import attention_mask, tokenize
 
     device = next(model.parameters()).device
@@ -272,17 +242,9 @@ def phrase_scores(model: Sam3Detector, image: torch.Tensor, phrases: list[str]) 
                 query_image=torch.zeros(count, dtype=torch.long, device=device),
                 query_prompt=torch.arange(count, device=device),
             )
-            score = out["pred_logits"].sigmoid() * out["presence_logits"].sigmoid().unsqueeze(1)  # [count, N]
-            scores.extend(score.max(dim=1).values.float().cpu().tolist())
+            score = detection_scores(out["pred_logits"].float(), out["presence_logits"].float())  # [count, N]
+            scores.extend(score.max(dim=1).values.cpu().tolist())
     return scores
-
-
-def model_image_size(model: Sam3Detector) -> int:
-    """The square input side the model was built for."""
-    size = model.config.image_size
-    if not isinstance(size, int):
-        raise ConfigError(f"the model's image_size is {size!r}; mining needs a square model input (one integer)")
-    return size
 
 
 def build_negatives(
@@ -307,15 +269,16 @@ def build_negatives(
             "or 'tiny' for tests"
         )
     categories, images = read_split(dataset_dir, config.split)
-    ranker = None
+    ranker, image_size = None, 0
     if needs_model:
         from pipeline.phrase_bank import load_phrase_bank
+        from sam3.inference import model_input_size
         from sam3.text_similarity import PhraseEmbedder
 
         embedder = embedder or PhraseEmbedder(model)
         ranker = BankRanker(load_phrase_bank() if bank is None else tuple(bank), categories, embedder)
         log.info("phrase bank: %d phrases, %d naming a dataset category left out", len(ranker.phrases), ranker.removed)
-    image_size = model_image_size(model) if "mined" in config.strategies else 0
+        image_size = model_input_size(model) if "mined" in config.strategies else 0  # S: mined images go in S x S
 
     counts: Counter[str] = Counter()
     out_images: dict[str, list[dict[str, Any]]] = {}
@@ -379,69 +342,58 @@ def summarize(images: dict[str, list[dict[str, Any]]], config: NegativesConfig, 
     }
 
 
+SHORTHANDS = (
+    Shorthand("--per-image", "negatives.per_image", int, help="phrases per image at most"),
+    Shorthand(
+        "--strategy",
+        "negatives.strategies",
+        nargs="+",
+        joined=True,
+        help=f"strategies in the order they fill each image's list ({' | '.join(STRATEGIES)})",
+    ),
+    Shorthand("--model", "model.source", help="model for bank/mined: 'tiny', 'full' or a transformers folder"),
+    Shorthand("--seed", "negatives.seed", int, help="seed of the random choices"),
+    Shorthand(
+        "--similarity-threshold",
+        "negatives.similarity_threshold",
+        float,
+        help="bank/mined: leave out phrases with cosine >= this to a present category",
+    ),
+    Shorthand("--score-threshold", "negatives.score_threshold", float, help="mined: keep phrases scored above this"),
+    Shorthand("--mine-candidates", "negatives.mine_candidates", int, help="mined: nearest bank phrases scored"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = NegativesConfig()
     parser.add_argument("dataset_dir", type=Path, help="dataset folder: {train,valid,test}/_annotations.coco.json")
     parser.add_argument("--out", required=True, type=Path, help="negatives file to write (json)")
     parser.add_argument("--split", default=defaults.split, help=f"split to read (default {defaults.split})")
-    parser.add_argument(
-        "--per-image",
-        type=int,
-        default=defaults.per_image,
-        help=f"phrases per image at most (default {defaults.per_image})",
-    )
-    parser.add_argument(
-        "--strategy",
-        nargs="+",
-        choices=STRATEGIES,
-        default=list(defaults.strategies),
-        dest="strategies",
-        help="strategies in the order they fill each image's list (default: absent)",
-    )
-    parser.add_argument("--model", help="model for bank/mined: 'tiny', 'full' or a transformers folder (facebook/sam3)")
     parser.add_argument("--device", help="torch device for the model (default: cuda when available, else cpu)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random choices")
-    parser.add_argument(
-        "--similarity-threshold",
-        type=float,
-        default=defaults.similarity_threshold,
-        help="bank/mined: leave out phrases with cosine >= this to a present category",
-    )
-    parser.add_argument(
-        "--score-threshold",
-        type=float,
-        default=defaults.score_threshold,
-        help="mined: keep phrases the model scores above this",
-    )
-    parser.add_argument(
-        "--mine-candidates",
-        type=int,
-        default=defaults.mine_candidates,
-        help="mined: nearest bank phrases scored per image",
-    )
+    add_params_arguments(parser, SHORTHANDS)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.score import write_json
-
+    params = stage_params(args, SHORTHANDS)
+    negative = params.negatives
     config = NegativesConfig(
         split=args.split,
-        per_image=args.per_image,
-        strategies=tuple(args.strategies),
-        seed=args.seed,
-        similarity_threshold=args.similarity_threshold,
-        score_threshold=args.score_threshold,
-        mine_candidates=args.mine_candidates,
+        per_image=negative.per_image,
+        strategies=tuple(negative.strategies.split()),
+        seed=negative.seed,
+        similarity_threshold=negative.similarity_threshold,
+        score_threshold=negative.score_threshold,
+        mine_candidates=negative.mine_candidates,
     )
     config.check()
     model = None
-    if args.model is not None and any(s in MODEL_STRATEGIES for s in config.strategies):
+    if any(s in MODEL_STRATEGIES for s in config.strategies):
         import torch
 
         from sam3.model import load_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(args.model).to(device)
+        model = load_model(params.model.source).to(device)
     result = build_negatives(args.dataset_dir, config, model=model)
     write_json(args.out, result)
     summary = result["summary"]

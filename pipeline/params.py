@@ -2,7 +2,9 @@
 
 `load_params(path, overrides)` reads the YAML, applies `section.key=value` overrides, and checks every key:
 an unknown or misspelled key is a `ConfigError` naming the key and the closest valid one, a value of the wrong
-type names the key, the expected type and the value. Lower layers receive plain values from these objects.
+type names the key, the expected type and the value (a choice, typed `Literal` in `sam3.config`, names the allowed
+values). Then `check_values` checks what types cannot say (counts >= 1, the feature cache's freeze mode), so every
+stage that loads params refuses the same mistakes. Lower layers receive plain values from these objects.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ from typing import Any, Literal
 
 import yaml
 
-from sam3.config import CacheConfig, DDPConfig, GuardConfig, LoopConfig, LossConfig, OptimConfig
+from sam3.config import (
+    DEFAULT_MAX_DETS,
+    DEFAULT_PROMPT_CHUNK,
+    SAM3_IMAGE_SIZE,
+    CacheConfig,
+    DDPConfig,
+    GuardConfig,
+    LoopConfig,
+    LossConfig,
+    OptimConfig,
+)
 from sam3.errors import ConfigError
 
 
@@ -32,11 +44,14 @@ class DatasetParams:
 @dataclass
 class ValidateParams:
     max_pixels: int = 100_000_000  # images above this many pixels are quarantined (decompression bombs)
+    # few-shot files train/fewshot_train_shot{K}_seed{S}.json checked and carried along, drawn when missing (ODinW13)
+    fewshot_seeds: list[int] = field(default_factory=list)
+    fewshot_k: int = 10
 
 
 @dataclass
 class PreprocessParams:
-    size: int = 1008  # longest side after resizing (never upscaled); SAM 3's input resolution
+    size: int = SAM3_IMAGE_SIZE  # longest side after resizing (never upscaled); SAM 3's input resolution
     workers: int = 2
 
 
@@ -49,6 +64,7 @@ class NegativesParams:
     seed: int = 0
     similarity_threshold: float = 0.9  # bank/mined: leave out phrases this close to a present category
     score_threshold: float = 0.5  # mined: keep phrases the model fires on above this score
+    mine_candidates: int = 64  # mined: nearest bank phrases scored per image
 
 
 @dataclass
@@ -61,9 +77,9 @@ class ModelParams:
 @dataclass
 class EvaluateParams:
     split: str = "test"
-    baseline: str = "tiny"  # also evaluated, for the before / after table: the model before fine-tuning
-    prompt_chunk: int = 16  # prompts per decoder call; lower it if memory runs out
-    max_dets: int = 100  # detections kept per image across prompts (the recipe's top 100)
+    baseline: str | None = None  # also evaluated, for the before / after table: the model before fine-tuning
+    prompt_chunk: int = DEFAULT_PROMPT_CHUNK  # prompts per decoder call; lower it if memory runs out
+    max_dets: int = DEFAULT_MAX_DETS  # detections kept per image across prompts (the recipe's top 100)
 
 
 @dataclass
@@ -119,7 +135,34 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides or []:
         _apply_override(raw, item)
-    return _build(Params, raw, source=str(path) if path else "params", prefix="")
+    source = str(path) if path else "params"
+    params = _build(Params, raw, source=source, prefix="")
+    check_values(params, source)
+    return params
+
+
+def check_values(params: Params, source: str = "params") -> None:
+    """Value checks that types alone cannot express; ConfigError '<source>: <message>' naming the key.
+
+    Run by `load_params` on every load, so every stage refuses the same mistakes before it does any work.
+    """
+    train, cache, launcher = params.train, params.cache, params.launcher
+    checks = [
+        (train.val_every_epochs >= 0, "train.val_every_epochs must be >= 0 (0: no validation)"),
+        (train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (train.accumulation >= 1, "train.accumulation must be >= 1"),
+        (train.epochs >= 1 or train.max_steps, "train.epochs must be >= 1 (or set train.max_steps)"),
+        (launcher.nodes >= 1 and launcher.gpus_per_node >= 1, "launcher.nodes/gpus_per_node >= 1"),
+        (cache.views >= 1, "cache.views must be >= 1 (1: the plain warp only, no augmentation)"),
+    ]
+    if cache.enabled:  # only then: sam3.freeze imports torch, which a stage with the cache off never needs
+        from sam3.freeze import cache_freeze_problem
+
+        problem = cache_freeze_problem(train.freeze)
+        checks.append((problem is None, problem))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
 
 
 def to_dict(params: Params) -> dict[str, Any]:

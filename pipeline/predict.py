@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.evaluate import MODES
-from pipeline.score import write_json
 from sam3.errors import ConfigError, DataError
+from sam3.images import READ_ERRORS
+from sam3.images import read_image as read_upright
+from sam3.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ DEFAULT_THRESHOLD = 0.5  # the SA-Co operating point: what a user would keep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sam3.inference import DEFAULT_MAX_DETS, DEFAULT_PROMPT_CHUNK, DEVICE_CHOICES
+    from sam3.config import DEFAULT_MAX_DETS, DEFAULT_PROMPT_CHUNK, DEVICE_CHOICES
 
     parser.add_argument("--model", required=True, help="'tiny', 'full' or a model folder (transformers format)")
     parser.add_argument("--image", required=True, nargs="+", type=Path, help="image files")
@@ -68,16 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_image(path: Path) -> Image.Image:
-    """The RGB image at `path`, EXIF orientation applied; DataError when missing or not an image."""
+    """The RGB image at `path`, upright (`sam3.images.read_image`); DataError when missing or not an image."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
+        return read_upright(path)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder; --image takes image files") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except READ_ERRORS as err:
         raise DataError(f"{path}: cannot read as an image ({err})") from None
 
 

@@ -1,6 +1,9 @@
 """Preprocess stage: shrink every image of a COCO dataset to fit SIZE x SIZE and move its annotations to match.
 
-    python -m pipeline preprocess DATASET_DIR --out DIR [--size 1008] [--workers N]
+    python -m pipeline preprocess DATASET_DIR --out DIR [--params FILE] [--set preprocess.size=1008 ...]
+
+Settings: params.yaml's `preprocess` section (`--size N` and `--workers N` are short for `--set preprocess.size=N`
+and `--set preprocess.workers=N`).
 
 Input and output use the Roboflow layout (`<dir>/{train,valid,test}/_annotations.coco.json` + images).
 Per image (geometry in `sam3.resize`):
@@ -39,13 +42,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.fewshot import FEWSHOT_SPLIT, fewshot_files
+from pipeline.stage_args import Shorthand, add_params_arguments, stage_params
 from sam3.coco import ANNOTATIONS_FILE, load_coco, present_splits, save_coco, split_annotation_path
+from sam3.config import SAM3_IMAGE_SIZE
 from sam3.errors import ConfigError, DataError
+from sam3.images import make_upright, upright_size
 from sam3.resize import ORIG_HEIGHT, ORIG_WIDTH, fit_size, original_size, scale_annotation
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIZE = 1008  # SAM 3's input resolution: larger images would only be shrunk again at train time
+DEFAULT_SIZE = SAM3_IMAGE_SIZE  # larger images would only be shrunk again at train time
 JPEG_QUALITY = 95
 # Fixed JPEG settings so that re-encoding is reproducible; 4:4:4 chroma keeps thin coloured edges sharp.
 JPEG_OPTIONS: dict[str, Any] = {"quality": JPEG_QUALITY, "subsampling": 0, "optimize": False, "progressive": False}
@@ -83,15 +89,21 @@ class SplitPlan:
     results: list[ImageResult] = field(default_factory=list)
 
 
+SHORTHANDS = (
+    Shorthand("--size", "preprocess.size", int, help="fit images in SIZE x SIZE"),
+    Shorthand("--workers", "preprocess.workers", int, help="worker processes"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset_dir", type=Path, help="COCO dataset in the Roboflow layout (validated)")
     parser.add_argument("--out", type=Path, required=True, help="output dataset folder (same layout)")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="fit images in SIZE x SIZE (default 1008)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    add_params_arguments(parser, SHORTHANDS)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = preprocess_dataset(args.dataset_dir, args.out, size=args.size, workers=args.workers)
+    params = stage_params(args, SHORTHANDS).preprocess
+    summary = preprocess_dataset(args.dataset_dir, args.out, size=params.size, workers=params.workers)
     for split, counts in summary["splits"].items():
         log.info(
             "%s: %d images (%d resized, %d copied), %d annotations",
@@ -365,12 +377,13 @@ def resize_records(record: dict[str, Any], annotations: list[dict[str, Any]], si
 
 
 def _write_image(source: Path, target: Path, size: tuple[int, int], new_size: tuple[int, int], where: str) -> None:
-    """Copy `source` to `target` when `new_size` equals `size`, else resize it and save in its own format."""
+    """Copy `source` to `target` when `new_size` equals `size`, else resize it and save in its own format. Sizes are
+    upright (`sam3.images`): a copy keeps its EXIF orientation tag, a resized image is saved upright without it."""
     try:
         with Image.open(source) as im:
-            if im.size != size:
+            if (found := upright_size(im)) != size:
                 raise DataError(
-                    f"{where}: {source} is {im.size[0]}x{im.size[1]} pixels but the record says {size[0]}x{size[1]}; "
+                    f"{where}: {source} is {found[0]}x{found[1]} pixels but the record says {size[0]}x{size[1]}; "
                     "fix the record's width/height"
                 )
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +391,7 @@ def _write_image(source: Path, target: Path, size: tuple[int, int], new_size: tu
             if new_size == size:
                 shutil.copyfile(source, tmp)  # byte for byte: no re-encoding loss
             else:
-                _save_resized(im, tmp, new_size)
+                _save_resized(make_upright(im), tmp, new_size)
             tmp.replace(target)  # atomic: an interrupted run never leaves half an image under the real name
     except FileNotFoundError:
         raise DataError(f"{where}: image file {source} not found") from None

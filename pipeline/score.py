@@ -11,9 +11,10 @@ sorted keys, so reruns on the same inputs are byte-identical and `dvc metrics di
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from sam3.io import write_json  # the library's atomic writer (indent 2, sorted keys, no NaN)
 
 MAIN_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75")
 SACO_KEYS: tuple[str, ...] = ("cgF1", "cgF1_50", "IL_MCC", "pmF1", "pmF1_50")
@@ -26,14 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox", help="box or mask IoU (default bbox)")
     parser.add_argument("--pr-curve", type=Path, help="also write the PR curve at IoU 0.5 here (json, for dvc plots)")
     parser.add_argument("--per-category", type=Path, help="also write per-category AP rows here (json, for dvc plots)")
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write deterministically (indent 2, sorted keys, no NaN, newline at end), creating parent folders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: DVC never hashes half a file
 
 
 def _number(value: float | None, scale: str) -> str:

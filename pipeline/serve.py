@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from prefect import serve
 
-from pipeline.flows import deployments, ensure_train_limit
+from pipeline.flows.flow import deployments
+from pipeline.flows.tasks import ensure_train_limit
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from pipeline.params import read_yaml
 from pipeline.suites import ODINW13_DATASETS, ODINW13_SEEDS, ODINW13_SHOTS, rf100vl_domains
 from sam3.coco import ANNOTATIONS_FILE, split_annotation_path
 from sam3.errors import ConfigError, DataError
+from sam3.io import write_text
 
 SUITES_DIR = Path("suites")  # suites/<suite>/{dvc.yaml,params.yaml}, relative to the repository
 SUITE_NAMES: tuple[str, ...] = ("rf100vl", "odinw13")
@@ -46,7 +47,7 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SAFE_PATH = re.compile(r"[A-Za-z0-9_./-]+")
 SAFE_FLAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # an option name: `--<name>`
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:/=+@%\[\]-]+")  # an option value, e.g. train.max_steps=null
-# The recipe's settings per suite over params.yaml (SAM3_RECIPE sections 4-5): epochs decide (max_steps off), the
+# The recipe's settings per suite over params.yaml (docs/RECIPE.md sections 4-5): epochs decide (max_steps off), the
 # IABCE pos_weight, and RF100-VL's seeded subset of 100 training images. The Prefect deployments use them too.
 RF100VL_RECIPE: tuple[str, ...] = (
     "train.max_steps=null",
@@ -96,7 +97,7 @@ _COMMENTS = {
     "datasets": "the matrix: one validate ... evaluate chain per dataset (empty: no suite stage)",
     "aggregate": "[{suite}] when datasets is not empty: the aggregate stage exists only then",
     "validate_flags": "validate options (ODinW13: the few-shot files to complete, drawn when missing)",
-    "train_flags": "train options: the recipe's settings over params.yaml (`--set`, SAM3_RECIPE 4-5)",
+    "train_flags": "train options: the recipe's settings over params.yaml (`--set`, docs/RECIPE.md section 4-5)",
     "aggregate_flags": "aggregate options (RF100-VL: {{domains: FILE}} without the rf100vl package)",
 }
 
@@ -175,10 +176,7 @@ def load(suite: str, path: Path) -> SuiteParams:
 
 def save(suite: str, params: SuiteParams, path: Path) -> None:
     _check(suite, params, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(suite, params), encoding="utf-8")
-    tmp.replace(path)  # atomic: DVC never reads half a file
+    write_text(path, render(suite, params))  # atomic: DVC never reads half a file
 
 
 # ------------------------------------------------------------------------------------------- finding datasets

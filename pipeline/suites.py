@@ -1,4 +1,4 @@
-"""Benchmark suites: which datasets (and seeds) a suite holds, and the RF100-VL domains (SAM3_RECIPE section 5).
+"""Benchmark suites: which datasets (and seeds) a suite holds, and the RF100-VL domains (docs/RECIPE.md section 5).
 
 - RF100-VL: 100 datasets in 7 domains. Names and domains ship with the `rf100vl` package as
   `rf100vl/assets/dataset_name_to_category.json` ({dataset name: domain}); the package's downloader names each

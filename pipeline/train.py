@@ -22,7 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.params import Params, load_params, to_dict
+from pipeline.params import Params, to_dict
+from pipeline.stage_args import add_params_arguments, params_file_of, stage_params
+from pipeline.train_job import build_job, write_resolved_params
 from sam3.coco import ANNOTATIONS_FILE
 
 log = logging.getLogger(__name__)
@@ -30,16 +32,6 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, type=Path, help="output folder of the run (resumed if present)")
-    parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",  # `--set a=1 --set b=2` and `--set a=1 b=2` (what DVC's dict unpacking writes) alike
-        nargs="+",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a param",
-    )
     parser.add_argument("--dataset", help="dataset folder (default: data/preprocessed/<dataset.name>)")
     parser.add_argument("--negatives", help="negatives file {image_id: [phrases]} (optional)")
     parser.add_argument(
@@ -55,71 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--datasets", nargs="+", help="SLURM job array: one run per dataset folder")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved params, check them, do not train")
-
-
-def build_job(
-    params: Params,
-    run_dir: Path,
-    dataset: str,
-    negatives: str | None,
-    train_annotations: str = ANNOTATIONS_FILE,
-    feature_cache: str | None = None,
-):
-    """The plain-valued `TrainJob` the library trains from."""
-    from sam3.config import TrainJob
-
-    return TrainJob(
-        run_dir=str(run_dir),
-        dataset_dir=dataset,
-        negatives=negatives,
-        train_annotations=train_annotations,
-        model_source=params.model.source,
-        image_size=params.model.image_size,
-        with_masks=params.model.mode == "segmentation",
-        loop=params.train,
-        optim=params.optim,
-        loss=params.loss,
-        guard=params.guard,
-        ddp=params.ddp,
-        cache=params.cache,
-        feature_cache_dir=feature_cache,
-        params=to_dict(params),
-    )
-
-
-def check_params(params: Params) -> None:
-    """Value checks that types alone cannot express; ConfigError names the key."""
-    from sam3.config import AMP_CHOICES, CACHE_DTYPES, TRAIN_MODES
-    from sam3.errors import ConfigError
-    from sam3.freeze import FREEZE_MODES, cache_freeze_problem
-
-    cache_problem = cache_freeze_problem(params.train.freeze) if params.cache.enabled else None
-
-    checks = [
-        (params.train.freeze in FREEZE_MODES, f"train.freeze must be one of {', '.join(FREEZE_MODES)}"),
-        (params.train.amp_dtype in AMP_CHOICES, f"train.amp_dtype must be one of {', '.join(AMP_CHOICES)}"),
-        (params.train.mode in TRAIN_MODES, f"train.mode must be one of {', '.join(TRAIN_MODES)}"),
-        (params.train.val_every_epochs >= 0, "train.val_every_epochs must be >= 0 (0: no validation)"),
-        (params.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (params.train.accumulation >= 1, "train.accumulation must be >= 1"),
-        (params.train.epochs >= 1 or params.train.max_steps, "train.epochs must be >= 1 (or set train.max_steps)"),
-        (params.loss.class_loss in ("iabce", "focal"), "loss.class_loss must be iabce or focal"),
-        (params.ddp.gradient_compression in ("none", "fp16", "bf16"), "ddp.gradient_compression: none|fp16|bf16"),
-        (params.launcher.nodes >= 1 and params.launcher.gpus_per_node >= 1, "launcher.nodes/gpus_per_node >= 1"),
-        (params.cache.views >= 1, "cache.views must be >= 1 (1: the plain warp only, no augmentation)"),
-        (params.cache.dtype in CACHE_DTYPES, f"cache.dtype must be one of {', '.join(CACHE_DTYPES)}"),
-        (cache_problem is None, cache_problem),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    add_params_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from sam3.coco import present_splits
 
-    params = load_params(args.params, args.overrides)
-    check_params(params)
+    params = stage_params(args)
     dataset = args.dataset or f"data/preprocessed/{params.dataset.name}"
     if args.dry_run:
         print(yaml.safe_dump(to_dict(params), sort_keys=False), end="")
@@ -200,7 +134,8 @@ def check_feature_caches(datasets: list[str], caches: list[str], args: argparse.
 
 def cache_command(dataset: str, folder: str, args: argparse.Namespace) -> str:
     """The cache-features command that builds `folder` for this run (same params file, overrides and files)."""
-    parts = ["python", "-m", "pipeline", "cache-features", dataset, "--out", folder, "--params", args.params]
+    parts = ["python", "-m", "pipeline", "cache-features", dataset, "--out", folder]
+    parts += ["--params", params_file_of(args) or "params.yaml"]
     if args.overrides:
         parts += ["--set", *args.overrides]
     if args.negatives:
@@ -208,8 +143,3 @@ def cache_command(dataset: str, folder: str, args: argparse.Namespace) -> str:
     if args.train_annotations != ANNOTATIONS_FILE:
         parts += ["--train-annotations", args.train_annotations]
     return shlex.join(parts)
-
-
-def write_resolved_params(params: Params, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "params.yaml").write_text(yaml.safe_dump(to_dict(params), sort_keys=False), encoding="utf-8")

@@ -1,7 +1,10 @@
 """Stage `validate`: check a COCO dataset, write a clean copy, a quarantine of the rejected records and a JSON report.
 
-    python -m pipeline validate DATASET_DIR --out CLEAN_DIR --report report.json [--strict] [--max-pixels N]
-        [--fewshot-seeds S [S ...] [--fewshot-k K]]
+    python -m pipeline validate DATASET_DIR --out CLEAN_DIR --report report.json [--strict]
+        [--params FILE] [--set section.key=value ...]
+
+Settings: params.yaml's `validate` section (`--max-pixels N`, `--fewshot-seeds S [S ...]`, `--fewshot-k K` are
+short for `--set validate.max_pixels=N` and so on).
 
 Per split: load it (unreadable -> DataError, exit 2), flatten images/annotations/categories into tables
 (validation.records), run the great-expectations suites on them (validation.suites), open every image file
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fewshot import FEWSHOT_SPLIT, fewshot_file_name, fewshot_files, make_fewshot, shortfall
+from pipeline.stage_args import Shorthand, add_params_arguments, stage_params
 from pipeline.suites import ODINW13_SHOTS
 from pipeline.validation.files import DEFAULT_MAX_PIXELS, check_image_files
 from pipeline.validation.output import QUARANTINE_DIR, prepare_out_dir, write_outcome
@@ -67,44 +71,38 @@ from sam3.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
+SHORTHANDS = (
+    Shorthand("--max-pixels", "validate.max_pixels", int, help="largest width * height an image may have"),
+    Shorthand(
+        "--fewshot-seeds",
+        "validate.fewshot_seeds",
+        int,
+        nargs="+",
+        help="complete train/fewshot_train_shot{K}_seed{S}.json for these seeds: the ones the dataset lacks are "
+        "drawn from the clean train split (GLIP-style) and written to the clean copy",
+    ),
+    Shorthand("--fewshot-k", "validate.fewshot_k", int, help="instances per category of the few-shot files"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset_dir", type=Path, help="dataset in the Roboflow COCO layout ({train,valid,test}/)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the clean dataset (and _quarantine/)")
     parser.add_argument("--report", type=Path, required=True, help="where to write the JSON report")
     parser.add_argument("--strict", action="store_true", help="exit 1 on any error, even though it was quarantined")
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"largest width * height an image may have (checked before decoding; default {DEFAULT_MAX_PIXELS:,})",
-    )
-    parser.add_argument(
-        "--fewshot-seeds",
-        type=int,
-        nargs="+",
-        default=[],
-        metavar="S",
-        help="complete train/fewshot_train_shot{K}_seed{S}.json for these seeds: the ones the dataset lacks are "
-        "drawn from the clean train split (GLIP-style) and written to the clean copy",
-    )
-    parser.add_argument(
-        "--fewshot-k",
-        type=int,
-        default=ODINW13_SHOTS,
-        metavar="K",
-        help=f"instances per category of the few-shot files (default {ODINW13_SHOTS})",
-    )
+    add_params_arguments(parser, SHORTHANDS)
 
 
 def run(args: argparse.Namespace) -> int:
+    params = stage_params(args, SHORTHANDS).validate
     report = validate_dataset(
         args.dataset_dir,
         args.out,
         args.report,
         strict=args.strict,
-        max_pixels=args.max_pixels,
-        fewshot_seeds=args.fewshot_seeds,
-        fewshot_k=args.fewshot_k,
+        max_pixels=params.max_pixels,
+        fewshot_seeds=params.fewshot_seeds,
+        fewshot_k=params.fewshot_k,
     )
     return report.exit_code
 

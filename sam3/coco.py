@@ -3,7 +3,8 @@
 Small, strict helpers shared by every stage that reads or writes a dataset:
 - `load_coco` parses one annotation file and turns a JSON syntax error into a `DataError` naming file, line, column.
 - `save_coco` writes one deterministically (sorted keys, fixed indent, trailing newline) so two builds are
-  byte-identical and DVC hashes stay stable.
+  byte-identical and DVC hashes stay stable, and atomically (`sam3.io.write_json`).
+- `sam3.coco_split.CocoSplit` indexes one split's file (images, categories, annotations per image) for its readers.
 - `annotation_mask` decodes polygons or RLE (compressed or not) into a boolean [H, W] mask with pycocotools.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sam3.errors import DataError
+from sam3.io import write_json
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 ANNOTATIONS_FILE = "_annotations.coco.json"
@@ -77,11 +79,7 @@ def save_coco(path: str | Path, data: dict[str, Any], allow_nan: bool = False) -
 
     NaN / Infinity are refused unless `allow_nan` (only the quarantine writes records back as found).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True, indent=1, allow_nan=allow_nan) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    write_json(path, data, indent=1, allow_nan=allow_nan)  # atomic: a reader never sees half a file
 
 
 def annotation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:

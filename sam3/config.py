@@ -1,19 +1,36 @@
 """Typed configuration of a training run, one dataclass per params.yaml section, with no heavy imports.
 
 `pipeline.params` builds these from params.yaml (so `python -m pipeline --help` stays fast) and the library
-(`sam3.optim`, `sam3.trainer`) reads them as plain values.
+(`sam3.optim`, `sam3.trainer`) reads them as plain values. Every set of choices is one `Literal` type here: the
+params loader rejects any other value at load time (naming the key and the allowed values), and the tuples of
+choices (argparse choices, messages) are derived from it with `typing.get_args`. Constants that several modules
+share (the recipe's gradient clip, the inference chunk and top-k, SAM 3's input side) are defined here once too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from sam3.coco import ANNOTATIONS_FILE
 
-AMP_CHOICES: tuple[str, ...] = ("bf16", "fp16", "none")
-CACHE_DTYPES: tuple[str, ...] = ("fp16", "fp32")
-TRAIN_MODES: tuple[str, ...] = ("train", "train_only", "val")
-DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")  # --device of the commands that run a model
+FreezeMode = Literal["none", "vision", "vision_text", "heads"]  # what trains (sam3.freeze)
+AmpDtype = Literal["bf16", "fp16", "none"]  # autocast dtype of a CUDA run
+TrainMode = Literal["train", "train_only", "val"]
+ClassLoss = Literal["iabce", "focal"]  # sam3.losses: the recipe's IoU-aware BCE, or focal for training from scratch
+GradientCompression = Literal["none", "fp16", "bf16"]  # dtype of DDP's gradient all-reduce
+CacheDtype = Literal["fp16", "fp32"]  # storage dtype of the feature cache (sam3.features)
+Device = Literal["auto", "cpu", "cuda"]  # --device of the commands that run a model
+
+FREEZE_MODES: tuple[str, ...] = get_args(FreezeMode)
+CLASS_LOSSES: tuple[str, ...] = get_args(ClassLoss)
+CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
+DEVICE_CHOICES: tuple[str, ...] = get_args(Device)
+
+GRAD_CLIP = 0.1  # the recipe's max global gradient L2 norm (docs/RECIPE.md section 4)
+DEFAULT_PROMPT_CHUNK = 16  # prompts per decoder call at inference; bounds memory at 1008 px (Q pairs of 200 queries)
+DEFAULT_MAX_DETS = 100  # detections kept per image: the reference's top 100, as COCO AP reads at most 100
+SAM3_IMAGE_SIZE = 1008  # SAM 3's input side (the full model's; the tiny test model's is 224)
 
 
 @dataclass
@@ -42,9 +59,9 @@ class LoopConfig:
     subset_images: int | None = None  # a seeded random subset of N training images (RF100-VL "100 images")
     num_negatives: int | None = None  # None: every absent category is a negative query (the reference)
     seed: int = 0
-    freeze: str = "none"  # none | vision | vision_text | heads (sam3.freeze)
-    grad_clip: float = 0.1
-    amp_dtype: str = "bf16"  # bf16 | fp16 | none (CUDA only; CPU runs fp32)
+    freeze: FreezeMode = "none"  # what trains (sam3.freeze)
+    grad_clip: float = GRAD_CLIP
+    amp_dtype: AmpDtype = "bf16"  # CUDA only; CPU runs fp32
     tf32: bool = True  # TF32 matmuls / convolutions on Ampere+ GPUs
     cudnn_benchmark: bool = False
     activation_checkpointing: bool = False  # recompute trainable encoder blocks in the backward (sam3.memory)
@@ -53,16 +70,16 @@ class LoopConfig:
     checkpoint_epochs: list[int] = field(default_factory=list)  # extra checkpoints kept for good at these epochs
     keep_last: int = 3
     log_every: int = 10
-    mode: str = "train"  # train (validating every val_every_epochs) | train_only | val (evaluate only, no training)
+    mode: TrainMode = "train"  # train (validating every val_every_epochs) | train_only | val (evaluate, no training)
     val_every_epochs: int = 0  # validation box/mask AP on the valid split every K epochs; 0: never
     wandb_project: str | None = None  # also log to Weights & Biases under this project (needs `pip install wandb`)
 
 
 @dataclass
 class LossConfig:
-    """Criterion weights (`loss` section); defaults are the recipe's (SAM3_RECIPE section 3)."""
+    """Criterion weights (`loss` section); defaults are the recipe's (docs/RECIPE.md section 3)."""
 
-    class_loss: str = "iabce"  # iabce (the recipe) | focal (training from scratch)
+    class_loss: ClassLoss = "iabce"  # iabce (the recipe) | focal (training from scratch)
     pos_weight: float = 10.0  # 10 for RF100-VL, 5 for ODinW
     weight_bbox: float = 5.0
     weight_giou: float = 2.0
@@ -91,7 +108,7 @@ class DDPConfig:
 
     find_unused_parameters: bool = False
     static_graph: bool = False
-    gradient_compression: str = "none"  # none | fp16 | bf16: all-reduce gradients in lower precision
+    gradient_compression: GradientCompression = "none"  # all-reduce gradients in lower precision
     timeout_s: int = 1800
 
 
@@ -102,7 +119,7 @@ class CacheConfig:
 
     enabled: bool = False  # train from the cache (needs train.freeze vision, vision_text or heads)
     views: int = 1  # cached geometries per image: 0 the plain warp, 1.. seeded random warp-pads (1: no augmentation)
-    dtype: str = "fp16"  # fp16 | fp32: how the features are stored
+    dtype: CacheDtype = "fp16"  # how the features are stored
     seed: int = 0  # draws the views' warp-pads
 
 

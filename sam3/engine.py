@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sam3.batch import PromptBatch
+from sam3.config import GRAD_CLIP
 
 
 @dataclass
@@ -58,7 +59,7 @@ def train_step(
     device: torch.device,
     with_masks: bool = False,
     amp_dtype: torch.dtype | None = None,
-    grad_clip: float | None = 0.1,
+    grad_clip: float | None = GRAD_CLIP,
     scaler: torch.amp.GradScaler | None = None,
     cpu_autocast: bool = False,
 ) -> StepResult:

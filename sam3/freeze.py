@@ -14,12 +14,19 @@ in every mode but none (`freezes_vision`), the text encoder's prompt embeddings 
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import nn
 
-FreezeMode = Literal["none", "vision", "vision_text", "heads"]
-FREEZE_MODES: tuple[str, ...] = ("none", "vision", "vision_text", "heads")
+from sam3.config import FREEZE_MODES, FreezeMode  # defined once there, without torch, for the params loader
+
+__all__ = [
+    "FREEZE_MODES",
+    "FreezeMode",
+    "apply_freeze",
+    "cache_freeze_problem",
+    "freezes_text",
+    "freezes_vision",
+    "parameter_counts",
+]
 
 _FROZEN_PREFIXES: dict[str, tuple[str, ...]] = {
     "none": (),

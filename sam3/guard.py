@@ -30,6 +30,7 @@ import statistics
 from collections import deque
 from typing import Any
 
+from sam3.config import GuardConfig
 from sam3.errors import Sam3Error
 
 
@@ -40,20 +41,15 @@ class DivergenceError(Sam3Error):
 class DivergenceGuard:
     """Running-median spike and non-finite loss detector with a rollback budget.
 
-    spike_factor: a loss above spike_factor x the running median is a spike. window: how many recent good
-    losses the median is taken over. min_history: good losses needed before spikes are judged (non-finite
-    losses are flagged from the first step). lr_factor: learning-rate multiplier per rollback.
-    max_rollbacks: rollbacks allowed; the next one raises DivergenceError.
+    Configured by `GuardConfig` (the `guard` section). spike_factor: a loss above spike_factor x the running median
+    is a spike. window: how many recent good losses the median is taken over. min_history: good losses needed before
+    spikes are judged (non-finite losses are flagged from the first step). lr_factor: learning-rate multiplier per
+    rollback. max_rollbacks: rollbacks allowed; the next one raises DivergenceError.
     """
 
-    def __init__(
-        self,
-        spike_factor: float = 10.0,
-        window: int = 50,
-        min_history: int = 10,
-        lr_factor: float = 0.5,
-        max_rollbacks: int = 3,
-    ) -> None:
+    def __init__(self, config: GuardConfig = GuardConfig()) -> None:
+        spike_factor, window, min_history = config.spike_factor, config.window, config.min_history
+        lr_factor, max_rollbacks = config.lr_factor, config.max_rollbacks
         if spike_factor <= 1.0:
             raise ValueError(f"spike_factor must be > 1 (a loss equal to the median is no spike), got {spike_factor}")
         if not 1 <= min_history <= window:

@@ -1,4 +1,4 @@
-"""Inference: text prompts in, scored boxes (and masks) out, in ORIGINAL image coordinates (SAM3_RECIPE section 5).
+"""Inference: text prompts in, scored boxes (and masks) out, in ORIGINAL image coordinates (docs/RECIPE.md section 5).
 
 For a batch of B images and the run's P prompts:
 
@@ -42,7 +42,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from sam3.coco import encode_mask
-from sam3.config import DEVICE_CHOICES  # noqa: F401  (defined without torch, for the CLI; importable from here)
+from sam3.config import DEFAULT_MAX_DETS, DEFAULT_PROMPT_CHUNK, DEVICE_CHOICES  # noqa: F401  (torch-free; also here)
 from sam3.data.dataset import CocoPromptDataset
 from sam3.data.transforms import val_transform
 from sam3.engine import autocast
@@ -53,8 +53,6 @@ from sam3.tokenizer import attention_mask, tokenize
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_DETS = 100  # the reference keeps the top 100 per image, as COCO AP reads at most 100
-DEFAULT_PROMPT_CHUNK = 16
 MASK_LOGIT_THRESHOLD = 0.0  # sigmoid 0.5
 # At most this many float32 values are upsampled at once (256 MB): 100 masks of a 12-megapixel photo would be 4.8 GB.
 MASK_UPSAMPLE_ELEMENTS = 1 << 26

@@ -1,4 +1,5 @@
-"""The SAM 3 training criterion: matching, then box, classification, presence and mask losses (SAM3_RECIPE section 3).
+"""The SAM 3 training criterion: matching, then box, classification, presence and mask losses
+(docs/RECIPE.md section 3).
 
 Shapes: Q queries (one per (image, prompt) pair), N predictions per query, M matched pairs in total, n_q target
 boxes of query q. Model outputs (a dict, one per decoder layer; earlier layers listed in `aux_outputs`):
@@ -21,7 +22,7 @@ of queries, each averaged over ranks and clamped at >= 1 (`normalisers`; N_q = Q
                     2 * sum over Q x N of the sigmoid focal loss / N_b (`focal_class_loss`)
     loss_presence = 20 * sum over Q of 0.5 * BCE(presence_logit, 1 if n_q > 0 else 0) / N_q, the mean over
                     prompts (`presence_loss`)
-and on the final layer only, in segmentation mode (`mask_losses`):
+and on the final layer only, in segmentation mode (`sam3.mask_losses`):
     loss_mask     = 200 * sum_matched mean_pixels focal(mask_logit, mask) / N_b
     loss_dice     = 10 * sum_matched dice(mask_logit, mask) / N_b
 
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -53,15 +53,13 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from sam3.box_ops import paired_box_iou
-from sam3.config import LossConfig
+from sam3.config import CLASS_LOSSES, LossConfig
 from sam3.errors import ConfigError
+from sam3.mask_losses import matched_mask_losses
 from sam3.matcher import HungarianMatcher
 
 # The IoU-aware soft target never falls below this, so a matched prediction with no overlap is still pushed up a bit.
 SOFT_TARGET_MIN = 0.01
-
-CLASS_LOSSES = ("iabce", "focal")
-_RECIPE = LossConfig()
 
 
 def normalisers(num_boxes: float, num_queries: float, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,96 +201,43 @@ def presence_loss(
     return (alpha_t * bce).sum() / num_queries
 
 
-def dice_loss(mask_logits: torch.Tensor, target_masks: torch.Tensor) -> torch.Tensor:
-    """Per-instance dice loss with +1 smoothing: 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), p = sigmoid(logit).
-
-    Args:
-        mask_logits: float [M, P] (P pixels). target_masks: float [M, P] in {0, 1}.
-
-    Returns:
-        float [M].
-    """
-    prob = mask_logits.sigmoid()
-    numerator = 2 * (prob * target_masks).sum(1) + 1
-    denominator = prob.sum(1) + target_masks.sum(1) + 1
-    return 1 - numerator / denominator
-
-
-def mask_losses(
-    mask_logits: torch.Tensor,
-    target_masks: torch.Tensor,
-    num_boxes: torch.Tensor,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unweighted mask losses of M matched pairs.
-
-    The logits are first upsampled bilinearly (align_corners=False) from h x w to the target's H x W; then
-        focal = sum_k mean over the H x W pixels of sigmoid_focal(logit, mask; alpha, gamma) / N_b
-        dice  = sum_k dice_loss(logit_k, mask_k) / N_b
-
-    Args:
-        mask_logits: float [M, h, w]. target_masks: bool or float [M, H, W]. num_boxes: N_b, a scalar.
-
-    Returns:
-        (focal, dice), two scalars; 0 (still attached to the graph) when M = 0.
-    """
-    if mask_logits.shape[0] == 0:
-        zero = mask_logits.sum()
-        return zero, zero
-    size = target_masks.shape[-2:]
-    if mask_logits.shape[-2:] != size:
-        mask_logits = F.interpolate(mask_logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    logits = mask_logits.flatten(1)
-    targets = target_masks.flatten(1).to(logits.dtype)
-    focal = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma).mean(1).sum() / num_boxes
-    dice = dice_loss(logits, targets).sum() / num_boxes
-    return focal, dice
-
-
 @dataclass
 class Criterion:
     """Weighted SAM 3 training losses over all decoder layers (formulas in the module docstring).
 
-    Features and the fields that control them:
-    - Box L1 + GIoU on matched pairs: weight_bbox, weight_giou.
-    - Classification: class_loss="iabce" (the recipe: IoU-aware BCE with pos_weight, iabce_alpha, iabce_gamma,
-      weight_ce) or "focal" (focal_alpha, focal_gamma, weight_focal_ce) for training from scratch, where the
-      recipe measured that IABCE stays on the plateau (SAM3_RECIPE section 1). weight_focal_ce defaults to
-      Deformable DETR's class weight 2 for the same sum / N_b normalisation.
-    - Presence: weight_presence, presence_alpha.
-    - Masks (final layer only): with_masks, weight_mask, weight_dice, focal_alpha, focal_gamma.
+    `config` (sam3.config.LossConfig, the `loss` section of params.yaml; default: the recipe's) holds what a run
+    sets; the other fields are constants of the method. Features and the fields that control them:
+    - Box L1 + GIoU on matched pairs: config.weight_bbox, config.weight_giou.
+    - Classification: config.class_loss "iabce" (the recipe: IoU-aware BCE with config.pos_weight, iabce_alpha,
+      iabce_gamma, config.weight_ce) or "focal" (focal_alpha, focal_gamma, weight_focal_ce) for training from
+      scratch, where the recipe measured that IABCE stays on the plateau (docs/RECIPE.md section 1). weight_focal_ce
+      defaults to Deformable DETR's class weight 2 for the same sum / N_b normalisation.
+    - Presence: config.weight_presence, presence_alpha.
+    - Masks (final layer only; sam3.mask_losses): with_masks, config.weight_mask, config.weight_dice, focal_alpha,
+      focal_gamma.
     - Auxiliary decoder layers: every entry of outputs["aux_outputs"], same terms except masks.
-    - The reference's sqrt(num queries) scale of the total: scale_by_sqrt_num_queries (off).
+    - The reference's sqrt(num queries) scale of the total: config.scale_by_sqrt_num_queries (off).
     - IABCE on the predictions of negative prompts (unmatched term, as if each were a false positive):
-      ce_on_negative_prompts (off: the reference supervises negative prompts through presence alone).
+      config.ce_on_negative_prompts (off: the reference supervises negative prompts through presence alone).
 
     Call: `criterion(outputs, targets, num_boxes=None, num_queries=None) -> dict[str, Tensor]` (see `__call__`).
     """
 
+    config: LossConfig = field(default_factory=LossConfig)
     matcher: HungarianMatcher = field(default_factory=HungarianMatcher)
-    # the recipe's weights are defined once, in sam3.config.LossConfig (the `loss` section of params.yaml)
-    weight_bbox: float = _RECIPE.weight_bbox
-    weight_giou: float = _RECIPE.weight_giou
-    weight_ce: float = _RECIPE.weight_ce
-    weight_presence: float = _RECIPE.weight_presence
-    weight_mask: float = _RECIPE.weight_mask
-    weight_dice: float = _RECIPE.weight_dice
-    class_loss: Literal["iabce", "focal"] = "iabce"
-    pos_weight: float = _RECIPE.pos_weight
+    with_masks: bool = False
     iabce_alpha: float = 0.25
     iabce_gamma: float = 2.0
     weight_focal_ce: float = 2.0
     presence_alpha: float = 0.5
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    with_masks: bool = False
-    scale_by_sqrt_num_queries: bool = _RECIPE.scale_by_sqrt_num_queries
-    ce_on_negative_prompts: bool = _RECIPE.ce_on_negative_prompts
 
     def __post_init__(self) -> None:
-        if self.class_loss not in CLASS_LOSSES:
-            raise ConfigError(f"class_loss={self.class_loss!r} is not known: use one of {', '.join(CLASS_LOSSES)}")
+        # the params loader refuses other values; a LossConfig built in code is checked here
+        class_loss = self.config.class_loss
+        if class_loss not in CLASS_LOSSES:
+            raise ConfigError(f"class_loss={class_loss!r} is not known: use one of {', '.join(CLASS_LOSSES)}")
 
     def __call__(
         self,
@@ -330,7 +275,7 @@ class Criterion:
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
             aux_losses = self._layer_losses(aux, targets, norm, with_masks=False)
             losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
-        if self.scale_by_sqrt_num_queries:
+        if self.config.scale_by_sqrt_num_queries:
             # The reference's factor: sqrt of the queries in this call (it never divides by accumulation steps).
             scale = math.sqrt(len(targets))
             losses = {name: value * scale for name, value in losses.items()}
@@ -342,6 +287,7 @@ class Criterion:
     ) -> dict[str, torch.Tensor]:
         """Weighted terms of one decoder layer, without suffix; norm = (N_b, N_q)."""
         num_boxes, num_queries = norm
+        config = self.config
         # fp32 whatever the autocast dtype: BCE, focal and GIoU lose too much in bf16.
         logits = out["pred_logits"].float()  # [Q, N]
         boxes = out["pred_boxes"].float()  # [Q, N, 4]
@@ -358,9 +304,9 @@ class Criterion:
 
         src_boxes = boxes[match_query, match_pred]  # [M, 4]
         l1, giou = box_losses(src_boxes, tgt_boxes, num_boxes)
-        terms = {"loss_bbox": self.weight_bbox * l1, "loss_giou": self.weight_giou * giou}
+        terms = {"loss_bbox": config.weight_bbox * l1, "loss_giou": config.weight_giou * giou}
 
-        if self.class_loss == "iabce":
+        if config.class_loss == "iabce":
             with torch.no_grad():
                 iou = paired_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
             ce = iou_aware_bce(
@@ -370,53 +316,24 @@ class Criterion:
                 iou,
                 has_target,
                 num_queries,
-                self.pos_weight,
+                config.pos_weight,
                 self.iabce_alpha,
                 self.iabce_gamma,
-                self.ce_on_negative_prompts,
+                config.ce_on_negative_prompts,
             )
-            terms["loss_ce"] = self.weight_ce * ce
+            terms["loss_ce"] = config.weight_ce * ce
         else:
             ce = focal_class_loss(logits, match_query, match_pred, num_boxes, self.focal_alpha, self.focal_gamma)
             terms["loss_ce"] = self.weight_focal_ce * ce
 
-        terms["loss_presence"] = self.weight_presence * presence_loss(
+        terms["loss_presence"] = config.weight_presence * presence_loss(
             presence, has_target, num_queries, self.presence_alpha
         )
 
         if with_masks:
-            focal, dice = self._mask_losses(out, targets, matches, match_query, match_pred, num_boxes)
-            terms["loss_mask"] = self.weight_mask * focal
-            terms["loss_dice"] = self.weight_dice * dice
-        return terms
-
-    def _mask_losses(
-        self,
-        out: dict,
-        targets: list[dict],
-        matches: list[tuple[torch.Tensor, torch.Tensor]],
-        match_query: torch.Tensor,
-        match_pred: torch.Tensor,
-        num_boxes: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unweighted mask focal and dice of the matched pairs; errors that say what to change if masks are missing."""
-        if out.get("pred_masks") is None:
-            raise ConfigError(
-                "Criterion(with_masks=True) needs 'pred_masks' in the model outputs: build the model with its mask "
-                "head (segmentation mode) or train boxes only (with_masks false)"
+            focal, dice = matched_mask_losses(
+                out, targets, matches, match_query, match_pred, num_boxes, self.focal_alpha, self.focal_gamma
             )
-        # Select before casting: a float copy of all Q x N masks would be large (Q x 200 x 288 x 288 at 1008 px).
-        mask_logits = out["pred_masks"][match_query, match_pred].float()  # [M, h, w]
-        tgt_masks = []
-        for q, (t, (_, tgt)) in enumerate(zip(targets, matches, strict=True)):
-            if tgt.numel() == 0:
-                continue
-            if "masks" not in t:
-                raise ConfigError(
-                    f"query {q} has {t['boxes'].shape[0]} target boxes but no 'masks': load the dataset with its "
-                    "segmentation masks (segmentation mode) or train boxes only (with_masks false)"
-                )
-            tgt_masks.append(t["masks"][tgt])
-        # No matched pair at all (only negative prompts): empty [0, h, w] targets, and both terms are 0.
-        target = torch.cat(tgt_masks).to(mask_logits.device) if tgt_masks else torch.zeros_like(mask_logits)
-        return mask_losses(mask_logits, target, num_boxes, self.focal_alpha, self.focal_gamma)
+            terms["loss_mask"] = config.weight_mask * focal
+            terms["loss_dice"] = config.weight_dice * dice
+        return terms

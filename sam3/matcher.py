@@ -1,4 +1,4 @@
-"""One-to-one Hungarian matching of predictions to target boxes, per (image, prompt) query (SAM3_RECIPE section 3).
+"""One-to-one Hungarian matching of predictions to target boxes, per (image, prompt) query (docs/RECIPE.md section 3).
 
 For each query q with n_q > 0 target boxes, the cost of prediction i against target j is
 

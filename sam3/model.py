@@ -61,7 +61,7 @@ _COMPLETE_FOLDER = (
 def tiny_config(image_size: int = 224) -> Sam3Config:
     """SAM 3's architecture at about 1M parameters outside the token embedding, for CPU tests and the demo.
 
-    The from-scratch settings of SAM3_RECIPE section 1: width 64 everywhere, 2 ViT layers (the last global, the
+    The from-scratch settings of docs/RECIPE.md section 1: width 64 everywhere, 2 ViT layers (the last global, the
     first windowed 8x8), 1 DETR encoder layer, 2 decoder layers, 4 heads, 1 text layer, 16 queries, init std 0.1.
     The token embedding alone is 49,408 x 64 = 3.16M of the 4.28M parameters (the vocabulary is CLIP's).
     Position embeddings are sized for 224 px (16 x 16 patches) whatever `image_size`, so weights load at any size.

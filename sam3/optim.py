@@ -1,4 +1,4 @@
-"""The reference optimiser: AdamW parameter groups and the inverse-square-root schedule (SAM3_RECIPE section 4).
+"""The reference optimiser: AdamW parameter groups and the inverse-square-root schedule (docs/RECIPE.md section 4).
 
 Groups
     Three components with their own base learning rate: the vision encoder (ViT trunk + FPN neck, 2.5e-5), the

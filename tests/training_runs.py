@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import Sam3Config, Sam3Model
 
-from pipeline.shapes_data import build_shapes_dataset
 from sam3.config import GuardConfig, LoopConfig, OptimConfig, TrainJob
 from sam3.losses import Criterion
 from sam3.model import tiny_config
+from tests.datasets import build_shapes_dataset
 
 IMAGE_SIZE = 112  # a multiple of the patch size 14; 4x fewer pixels than the tiny model's 224, so steps are fast
 TRAIN_IMAGES = 8
@@ -85,8 +85,8 @@ class NanOnCall(Criterion):
     A stand-in for a diverging step at a chosen moment; `bad_calls=None` makes every call NaN.
     """
 
-    def __init__(self, bad_calls: tuple[int, ...] | None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, bad_calls: tuple[int, ...] | None, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.bad_calls, self.calls = bad_calls, 0
 
     def __call__(self, outputs, targets, num_boxes=None, num_queries=None):
@@ -100,11 +100,12 @@ class NanOnCall(Criterion):
 def ddp_train_worker(rank: int, world_size: int, port: int, job: TrainJob, out_dir: str) -> None:
     """One rank of a gloo run (torch.multiprocessing.spawn target): train `job`, then save this rank's weights.
 
-    The environment is what torchrun sets. `sam3.trainer.load_model` is wrapped to keep a handle on the model the
+    The environment is what torchrun sets. `sam3.training.setup.load_model` is wrapped to keep a handle on the model the
     trainer builds (the real function runs), so each rank can write its final in-memory weights to
     `out_dir/rank{rank}.pt` and the test can compare the ranks with each other.
     """
     import sam3.trainer as trainer
+    import sam3.training.setup as run_setup
     from sam3.distributed import shutdown
 
     os.environ.update(
@@ -116,14 +117,14 @@ def ddp_train_worker(rank: int, world_size: int, port: int, job: TrainJob, out_d
     )
     torch.set_num_threads(1)  # two ranks share the machine's cores
     built = []
-    load_model = trainer.load_model
+    load_model = run_setup.load_model
 
     def keep_handle(*args, **kwargs):
         detector = load_model(*args, **kwargs)
         built.append(detector)
         return detector
 
-    trainer.load_model = keep_handle
+    run_setup.load_model = keep_handle
     try:
         trainer.train(job)
         state = {name: value.detach().clone() for name, value in built[0].model.state_dict().items()}

@@ -3,7 +3,11 @@
 Per image, in this order, stopping at the first failure (one file problem per image):
 unsafe_file_name (absolute or `..`) -> file_missing -> not_an_image (PIL cannot identify it) ->
 image_too_large (width * height from the header, BEFORE any decoding: a decompression bomb is never decoded) ->
-image_size_mismatch (header size vs JSON width/height) -> truncated_image (PIL `verify`, then a full `load`).
+image_size_mismatch (upright size vs JSON width/height) -> truncated_image (PIL `verify`, then a full `load`).
+
+The size compared is the upright image's (EXIF orientation applied, `sam3.images.upright_size`), the size every
+reader of the image sees; it is read from the decoded image (a PNG's EXIF may follow its pixel data), so a file
+that does not decode is compared by its header size and then reported as truncated.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.records import RecordTable
+from sam3.images import upright_size
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels; about 300 MB once decoded as RGB
 
@@ -70,23 +75,31 @@ def _inspect(path: Path, width: int | None, height: int | None, max_pixels: int)
             f"is {real_width}x{real_height} = {real_width * real_height:,} pixels, over the limit of "
             f"{max_pixels:,}; not decoded (downscale it, or raise --max-pixels if it is genuine)",
         )
+    (real_width, real_height), err = _decode(path, (real_width, real_height))
     if width is not None and height is not None and (real_width, real_height) != (width, height):
         return (
             Check.IMAGE_SIZE_MISMATCH,
             f"is {real_width}x{real_height} but the annotation file says width {width}, height {height}; "
             "fix the record or re-export the image",
         )
-    try:
-        with Image.open(path) as image:
-            image.verify()  # container integrity (e.g. PNG chunk checksums); the image is unusable afterwards
-        with Image.open(path) as image:
-            image.load()  # a full decode catches what verify does not look at (truncated JPEG data)
-    except Exception as err:  # decoders raise many types on bad bytes (OSError, SyntaxError, ...); all mean corrupt
+    if err is not None:
         return (
             Check.TRUNCATED_IMAGE,
             f"does not decode (truncated or corrupt: {type(err).__name__}: {err}); re-export the image",
         )
     return None
+
+
+def _decode(path: Path, header_size: tuple[int, int]) -> tuple[tuple[int, int], Exception | None]:
+    """Decode the image in full: its upright size and None, or `header_size` and the error when it does not decode."""
+    try:
+        with Image.open(path) as image:
+            image.verify()  # container integrity (e.g. PNG chunk checksums); the image is unusable afterwards
+        with Image.open(path) as image:
+            image.load()  # a full decode catches what verify does not look at (truncated JPEG data)
+            return upright_size(image), None
+    except Exception as err:  # decoders raise many types on bad bytes (OSError, SyntaxError, ...); all mean corrupt
+        return header_size, err
 
 
 def _size(value: float) -> int | None:

@@ -16,6 +16,10 @@ What is dropped or changed is counted in `stats` and logged once at INFO when th
   equal to a category query or an earlier phrase of the same image is skipped as a duplicate. Phrases are compared
   after the tokenizer's cleanup (`sam3.tokenizer.clean_text`: lower case, whitespace collapsed), as the model sees them.
 
+The split is read and checked once (`sam3.coco_split.CocoSplit`) and these rules applied to it once, when the dataset
+is built (`sam3.data.index`); a sample then reads its image, upright (EXIF orientation applied, `sam3.images`: the
+record's width/height are the upright image's), and its masks.
+
 A sample that cannot be loaded (missing or corrupt image, mask that does not decode) raises DataError naming the file
 and the image id. It is never replaced by another sample.
 
@@ -29,26 +33,17 @@ the dataset copy, and so the epoch, they were started with, while a key carries 
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as F
-from tqdm import tqdm
 
-from sam3.coco import (
-    ANNOTATIONS_FILE,
-    annotation_mask,
-    annotation_rle,
-    load_coco,
-    present_splits,
-    split_annotation_path,
-)
+from sam3.coco import ANNOTATIONS_FILE, annotation_mask
+from sam3.coco_split import CocoSplit
+from sam3.data.index import CategoryQuery, ImageRecord, Target, build_index
 from sam3.data.negatives import load_negatives
 from sam3.data.sampler import EpochDataset
 from sam3.data.transforms import (
@@ -60,7 +55,7 @@ from sam3.data.transforms import (
     warp_pad,
 )
 from sam3.errors import DataError
-from sam3.tokenizer import clean_text as prompt_key  # equal after cleaning = the same tokens
+from sam3.images import read_record_image
 
 logger = logging.getLogger(__name__)
 
@@ -100,34 +95,6 @@ class PromptSample:
     queries: list[PromptQuery]
 
 
-@dataclass(frozen=True)
-class _Target:
-    """One kept instance: its box (pixels, clipped to the image) and where its mask comes from."""
-
-    box_xyxy: tuple[float, float, float, float]
-    annotation_id: Any
-    segmentation: Any  # None: the mask is empty or missing, use the filled box instead
-
-
-@dataclass(frozen=True)
-class _CategoryQuery:
-    prompt: str
-    category_id: int
-    targets: tuple[_Target, ...]  # empty: the category is absent from the image
-
-
-@dataclass(frozen=True)
-class _ImageRecord:
-    image_id: int
-    path: Path
-    width: int
-    height: int
-    orig_size: tuple[int, int]
-    positives: dict[int, _CategoryQuery]  # category id -> its query; the other categories are absent...
-    without_query: frozenset[int]  # ...except these: present but with no usable target, or too many
-    extra_negatives: tuple[str, ...]
-
-
 class CocoPromptDataset(EpochDataset):
     """One split of a COCO dataset as `PromptSample`s (see the module docstring for the rules).
 
@@ -160,18 +127,7 @@ class CocoPromptDataset(EpochDataset):
         num_negatives: int | None = None,
         annotations_file: str = ANNOTATIONS_FILE,
     ) -> None:
-        splits = present_splits(dataset_dir)
-        if split not in splits:
-            raise DataError(
-                f"{split_annotation_path(dataset_dir, split)}: split {split!r} not found; "
-                f"this dataset has {', '.join(splits)}"
-            )
-        if not (Path(dataset_dir) / split / annotations_file).is_file():
-            raise DataError(
-                f"{Path(dataset_dir) / split / annotations_file}: annotation file not found in split {split!r}; "
-                "give an annotation file of that split folder (a few-shot file is made by the validate stage: "
-                "--fewshot-seeds)"
-            )
+        annotation_file = CocoSplit.locate(dataset_dir, split, annotations_file)
         if num_negatives is not None and num_negatives < 0:
             raise ValueError(f"num_negatives must be None or >= 0, got {num_negatives}")
         if max_targets < 1:
@@ -184,13 +140,13 @@ class CocoPromptDataset(EpochDataset):
         self.max_targets = max_targets
         self.seed = seed
         self.num_negatives = num_negatives
-        self.annotation_file = Path(dataset_dir) / split / annotations_file
+        self.annotation_file = annotation_file
         if negatives is None or isinstance(negatives, Mapping):
             negatives_map = negatives or {}
         else:
             negatives_map = load_negatives(negatives)
-        self.categories, self.records, self.stats = _build_index(
-            self.annotation_file, negatives_map, max_targets, with_masks
+        self.categories, self.records, self.stats = build_index(
+            CocoSplit.load(annotation_file), negatives_map, max_targets, with_masks
         )
         logger.info(
             "%s: %s",
@@ -248,42 +204,30 @@ class CocoPromptDataset(EpochDataset):
             )
         return prompt_queries
 
-    def _choose_queries(self, record: _ImageRecord, generator: torch.Generator) -> list[_CategoryQuery]:
+    def _choose_queries(self, record: ImageRecord, generator: torch.Generator) -> list[CategoryQuery]:
         """The positives and all absent categories (or a random `num_negatives` of them), in category id order."""
         absent = [c for c in self.categories if c not in record.positives and c not in record.without_query]
         if self.num_negatives is not None:
             keep = torch.randperm(len(absent), generator=generator)[: self.num_negatives]
             absent = [absent[int(i)] for i in keep]
-        negatives = {c: _CategoryQuery(self.categories[c], c, ()) for c in absent}
+        negatives = {c: CategoryQuery(self.categories[c], c, ()) for c in absent}
         return [
             record.positives.get(c) or negatives[c] for c in self.categories if c in record.positives or c in negatives
         ]
 
-    def _read_image(self, record: _ImageRecord) -> torch.Tensor:
+    def _read_image(self, record: ImageRecord) -> torch.Tensor:
         """uint8 [3, H, W]; DataError when the file is missing, corrupt, or not the size the annotations say."""
-        try:
-            with Image.open(record.path) as pil:
-                pil.load()  # decode now: a truncated file fails here, inside the try
-                rgb = pil.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(
-                f"{record.path}: image file of image id {record.image_id} not found "
-                f"(listed in {self.annotation_file}); restore the file or remove the image from the annotations"
-            ) from None
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-            raise DataError(
-                f"{record.path}: cannot decode image id {record.image_id} ({err}); "
-                "replace the file or remove the image from the annotations (the validate stage quarantines it)"
-            ) from None
+        # upright: EXIF orientation applied, as the annotations were drawn
+        rgb = read_record_image(record.path, record.image_id, self.annotation_file)
         if rgb.size != (record.width, record.height):
             raise DataError(
                 f"{record.path}: image id {record.image_id} is {rgb.size[0]}x{rgb.size[1]} pixels but "
                 f"{self.annotation_file} says {record.width}x{record.height}; fix the width/height fields "
-                "(or re-export without EXIF rotation)"
+                "(sizes are of the upright image, EXIF orientation applied)"
             )
         return F.pil_to_tensor(rgb)
 
-    def _read_masks(self, record: _ImageRecord, targets: list[_Target]) -> torch.Tensor:
+    def _read_masks(self, record: ImageRecord, targets: list[Target]) -> torch.Tensor:
         """bool [n, H, W]: each target's decoded mask, or its filled box when its mask was found empty."""
         from pycocotools import mask as mask_utils
 
@@ -312,231 +256,3 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
-
-
-def _build_index(
-    annotation_file: Path,
-    negatives: Mapping[int, Sequence[str]],
-    max_targets: int,
-    with_masks: bool,
-) -> tuple[dict[int, str], list[_ImageRecord], dict[str, int]]:
-    """Parse the split once: categories (id -> name), one record per image, and the counts of what was changed."""
-    coco = load_coco(annotation_file)
-    categories = _categories(annotation_file, coco)
-    images = coco.get("images")
-    if not isinstance(images, list):
-        raise DataError(f"{annotation_file}: 'images' must be a list")
-    stats = Counter(
-        {
-            key: 0
-            for key in (
-                "crowd_annotations_dropped",
-                "boxes_clipped",
-                "degenerate_boxes_dropped",
-                "empty_masks_filled",
-                "queries_over_max_targets_dropped",
-                "queries_without_valid_targets_dropped",
-                "extra_negatives_skipped_present",
-                "extra_negatives_skipped_duplicate",
-                "extra_negatives_unknown_image",
-            )
-        }
-    )
-    image_info: dict[int, dict] = {}
-    for image in images:
-        image_id = image.get("id") if isinstance(image, dict) else None
-        if not isinstance(image_id, int) or image_id in image_info:
-            raise DataError(f"{annotation_file}: image entry {str(image)[:80]} has a missing or duplicate integer id")
-        image_info[image_id] = image
-
-    by_image: dict[int, list[dict]] = {image_id: [] for image_id in image_info}
-    for ann in coco.get("annotations", []):
-        if ann.get("image_id") not in by_image:
-            raise DataError(
-                f"{annotation_file}: annotation {ann.get('id')} refers to image id {ann.get('image_id')}, "
-                "which is not in 'images'; run the validate stage"
-            )
-        if ann.get("category_id") not in categories:
-            raise DataError(
-                f"{annotation_file}: annotation {ann.get('id')} (image id {ann['image_id']}) has category id "
-                f"{ann.get('category_id')}, which is not in 'categories'; run the validate stage"
-            )
-        by_image[ann["image_id"]].append(ann)
-
-    unknown = sorted(set(negatives) - set(image_info))
-    stats["extra_negatives_unknown_image"] = len(unknown)
-    if unknown:
-        # a few-shot file holds a subset of the split's images, so a negatives file made for the split covers more
-        subset = Path(annotation_file).name != ANNOTATIONS_FILE
-        logger.log(
-            logging.INFO if subset else logging.WARNING,
-            "%s: negatives given for %d image ids not in this file (first: %s); they are not used%s",
-            annotation_file,
-            len(unknown),
-            unknown[:5],
-            " (expected: the file holds a subset of the split)" if subset else "",
-        )
-
-    category_keys = {cat_id: prompt_key(name) for cat_id, name in categories.items()}
-    records = []
-    for image_id, image in tqdm(image_info.items(), desc=f"index {annotation_file.parent.name}", unit="img"):
-        records.append(
-            _image_record(
-                annotation_file,
-                image,
-                categories,
-                category_keys,
-                by_image[image_id],
-                negatives,
-                max_targets,
-                with_masks,
-                stats,
-            )
-        )
-
-    positives = [q for r in records for q in r.positives.values()]
-    summary = {
-        "images": len(records),
-        "categories": len(categories),
-        "positive_queries": len(positives),
-        "negative_queries": sum(len(categories) - len(r.positives) - len(r.without_query) for r in records),
-        "extra_negative_queries": sum(len(r.extra_negatives) for r in records),
-        "targets": sum(len(q.targets) for q in positives),
-    }
-    return categories, records, {**summary, **stats}
-
-
-def _categories(annotation_file: Path, coco: dict) -> dict[int, str]:
-    """Category id -> name, sorted by id; DataError when two categories share a prompt."""
-    categories: dict[int, str] = {}
-    seen: dict[str, int] = {}
-    for cat in coco.get("categories") or []:
-        cat_id, name = cat.get("id"), cat.get("name")
-        if not isinstance(cat_id, int) or not isinstance(name, str) or not name.strip():
-            raise DataError(f"{annotation_file}: category {cat} needs an integer id and a non-empty name")
-        if prompt_key(name) in seen:
-            raise DataError(
-                f"{annotation_file}: categories {seen[prompt_key(name)]} and {cat_id} have the same prompt {name!r}; "
-                "merge or rename them"
-            )
-        seen[prompt_key(name)] = cat_id
-        categories[cat_id] = name
-    if not categories:
-        raise DataError(f"{annotation_file}: no categories; every query is a category name")
-    return dict(sorted(categories.items()))
-
-
-def _image_record(
-    annotation_file: Path,
-    image: dict,
-    categories: dict[int, str],
-    category_keys: dict[int, str],
-    annotations: list[dict],
-    negatives: Mapping[int, Sequence[str]],
-    max_targets: int,
-    with_masks: bool,
-    stats: Counter,
-) -> _ImageRecord:
-    image_id = image["id"]
-    try:
-        width, height = int(image["width"]), int(image["height"])
-        file_name = str(image["file_name"])
-        orig_size = (int(image.get("orig_height", height)), int(image.get("orig_width", width)))
-    except (KeyError, TypeError, ValueError) as err:
-        raise DataError(
-            f"{annotation_file}: image id {image_id} needs file_name, width and height ({err!r}); "
-            "run the validate stage"
-        ) from None
-
-    targets: dict[int, list[_Target]] = defaultdict(list)
-    mentioned: set[int] = set()  # categories with any annotation here, crowd or degenerate included
-    for ann in annotations:
-        mentioned.add(ann["category_id"])
-        if ann.get("iscrowd", 0):
-            stats["crowd_annotations_dropped"] += 1
-            continue
-        box = _clipped_box(annotation_file, image_id, ann, width, height, stats)
-        if box is None:
-            continue
-        segmentation = ann.get("segmentation") if with_masks else None
-        if with_masks and _mask_area(annotation_file, image_id, ann, height, width) == 0:
-            stats["empty_masks_filled"] += 1
-            segmentation = None
-        targets[ann["category_id"]].append(_Target(box, ann.get("id"), segmentation))
-
-    positives: dict[int, _CategoryQuery] = {}
-    without_query = set()
-    for cat_id in sorted(mentioned):
-        if not targets[cat_id]:
-            stats["queries_without_valid_targets_dropped"] += 1
-            without_query.add(cat_id)
-        elif len(targets[cat_id]) > max_targets:
-            stats["queries_over_max_targets_dropped"] += 1
-            without_query.add(cat_id)
-        else:
-            positives[cat_id] = _CategoryQuery(categories[cat_id], cat_id, tuple(targets[cat_id]))
-
-    present_keys = {category_keys[cat_id] for cat_id in mentioned}
-    used_keys = set(category_keys.values())
-    extra = []
-    for phrase in negatives.get(image_id, ()):
-        if prompt_key(phrase) in present_keys:
-            stats["extra_negatives_skipped_present"] += 1
-        elif prompt_key(phrase) in used_keys:
-            stats["extra_negatives_skipped_duplicate"] += 1
-        else:
-            used_keys.add(prompt_key(phrase))
-            extra.append(phrase)
-    return _ImageRecord(
-        image_id=image_id,
-        path=annotation_file.parent / file_name,
-        width=width,
-        height=height,
-        orig_size=orig_size,
-        positives=positives,
-        without_query=frozenset(without_query),
-        extra_negatives=tuple(extra),
-    )
-
-
-def _clipped_box(
-    annotation_file: Path, image_id: int, ann: dict, width: int, height: int, stats: Counter
-) -> tuple[float, float, float, float] | None:
-    """The COCO xywh box as xyxy clipped to the image; None (counted) when nothing of it is left."""
-    bbox = ann.get("bbox")
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, int | float) for v in bbox):
-        raise DataError(
-            f"{annotation_file}: annotation {ann.get('id')} (image id {image_id}) has bbox {bbox!r}; "
-            "expected [x, y, width, height]"
-        )
-    x, y, w, h = (float(v) for v in bbox)
-    box = (x, y, x + w, y + h)
-    clipped = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height), min(box[2], width), min(box[3], height))
-    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-        stats["degenerate_boxes_dropped"] += 1
-        return None
-    if clipped != box:
-        stats["boxes_clipped"] += 1
-    return clipped
-
-
-def _mask_area(annotation_file: Path, image_id: int, ann: dict, height: int, width: int) -> int:
-    """Pixel count of an annotation's mask, from its run-length encoding (cheap: no full decode).
-
-    pycocotools converts polygons and uncompressed RLE to compressed RLE, whose area is a sum of runs.
-    """
-    from pycocotools import mask as mask_utils
-
-    segmentation = ann.get("segmentation")
-    try:
-        if not segmentation:
-            return 0
-        rle = annotation_rle(segmentation, height, width)
-        if [int(v) for v in rle["size"]] != [height, width]:
-            raise ValueError(f"RLE size {rle['size']} is not the image's [height, width] [{height}, {width}]")
-        return int(mask_utils.area(rle))
-    except Exception as err:  # pycocotools raises assorted types on malformed input
-        raise DataError(
-            f"{annotation_file}: mask of annotation {ann.get('id')} (image id {image_id}) does not decode: {err!r}; "
-            "fix or remove its segmentation"
-        ) from None

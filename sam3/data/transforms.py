@@ -24,7 +24,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-REFERENCE_IMAGE_SIZE = 1008  # SAM 3's input side; the reference's side set below is defined at this size
+from sam3.config import SAM3_IMAGE_SIZE
+
+REFERENCE_IMAGE_SIZE = SAM3_IMAGE_SIZE  # SAM 3's input side; the reference's side set below is defined at this size
 REFERENCE_TRAIN_SIDES = tuple(range(480, 993, 32))  # 480, 512, ..., 992
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)

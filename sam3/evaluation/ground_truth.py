@@ -1,18 +1,21 @@
 """Ground truth and predictions in the same frame: the ORIGINAL image coordinates.
 
 Predictions are mapped back to the original images (`sam3.inference`); a preprocessed split's ground truth is
-mapped back the same way (`scale_to_original`), so metrics compare like with like. `score_predictions` gives the
-box metrics, plus mask metrics in segmentation mode.
+mapped back the same way (`scale_to_original`; `split_ground_truth` for a split folder, read and checked by
+`sam3.coco_split.CocoSplit`), so metrics compare like with like. `score_predictions` gives the box metrics, plus
+mask metrics in segmentation mode.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from sam3.coco_split import CocoSplit
 from sam3.resize import ORIG_HEIGHT, ORIG_WIDTH, original_size, scale_annotation, to_original_scale
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,11 @@ def scale_to_original(coco: dict[str, Any]) -> dict[str, Any]:
     if scales:
         log.info("ground truth of %d of %d images scaled back to their original size", len(scales), len(out["images"]))
     return out
+
+
+def split_ground_truth(dataset_dir: str | Path, split: str) -> dict[str, Any]:
+    """The ground truth of one split of `dataset_dir`, checked (`CocoSplit`) and in ORIGINAL image coordinates."""
+    return scale_to_original(CocoSplit.read(dataset_dir, split).data)
 
 
 def score_predictions(gt: dict[str, Any], predictions: list[dict[str, Any]], with_masks: bool) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""SA-Co metrics (SAM 3 paper; SAM3_RECIPE section 5): cgF1, IL_MCC and pmF1 from per-pair IoU matrices.
+"""SA-Co metrics (SAM 3 paper; docs/RECIPE.md section 5): cgF1, IL_MCC and pmF1 from per-pair IoU matrices.
 
 The unit of evaluation is a pair (image, prompt). Only predictions with score > SCORE_THRESHOLD take part: the
 model is judged as a user would use it, on the detections it commits to, not on a ranking.

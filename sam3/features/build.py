@@ -26,6 +26,7 @@ from tqdm import tqdm
 from sam3.coco import ANNOTATIONS_FILE
 from sam3.config import CacheConfig
 from sam3.data.dataset import CocoPromptDataset
+from sam3.data.index import ImageRecord
 from sam3.data.transforms import WarpPad, sample_train_warp_pad
 from sam3.errors import ConfigError
 from sam3.features.key import cache_key, stored_levels
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 _VIEW_STREAM = 7  # first entropy word of the views' seeds, so they never coincide with the dataset's per-epoch draws
 DEFAULT_SHARD_BYTES = 1 << 30
-PROMPT_CHUNK = 64  # prompts per text-encoder call
+TEXT_PROMPT_CHUNK = 64  # prompts per text-encoder call (the text encoder alone: larger than inference's chunk)
 
 
 @dataclass
@@ -96,18 +97,7 @@ def build_cache(
         raise ConfigError(f"cache.dtype must be one of {', '.join(STORAGE_DTYPES)}, got {cache.dtype!r}")
     folder = Path(folder)
     image_size = detector.config.vision_config.backbone_config.image_size
-    datasets = {
-        split: CocoPromptDataset(
-            dataset_dir,
-            split,
-            image_size=image_size,
-            train=False,
-            with_masks=with_masks,
-            negatives=negatives,
-            annotations_file=train_annotations if split == "train" else ANNOTATIONS_FILE,
-        )
-        for split in splits
-    }
+    datasets = _open_splits(dataset_dir, splits, image_size, with_masks, negatives, train_annotations)
     prompts = dataset_prompts(list(datasets.values()))
     annotation_files = {split: dataset.annotation_file for split, dataset in datasets.items()}
     key = cache_key(detector, annotation_files, prompts, cache, with_masks)
@@ -121,31 +111,9 @@ def build_cache(
         path.unlink()
     detector.eval().to(device)
     dtype = STORAGE_DTYPES[cache.dtype]
-    levels = stored_levels(detector, with_masks)
-    images_per_call = max(1, batch_size // cache.views)
-    manifest_splits, total_bytes = {}, 0
-    total = sum(len(d) for d in datasets.values()) * cache.views
-    with torch.inference_mode(), tqdm(total=total, desc="cache features", unit="view") as progress:
-        for split, dataset in datasets.items():
-            writer = ShardWriter(folder, split, shard_bytes)
-            entries = []
-            for start in range(0, len(dataset), images_per_call):
-                indices = range(start, min(start + images_per_call, len(dataset)))
-                per_image = _encode_images(dataset, indices, detector, cache, levels, dtype, device, batch_size)
-                for index, tensors in zip(indices, per_image, strict=True):
-                    record = dataset.records[index]
-                    total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-                    entries.append(
-                        {
-                            "image_id": record.image_id,
-                            "file_name": record.path.name,
-                            "shard": writer.add(tensors),
-                            "targets": sum(len(q.targets) for q in record.positives.values()),
-                        }
-                    )
-                progress.update(len(indices) * cache.views)
-            writer.flush()
-            manifest_splits[split] = entries
+    with torch.inference_mode():
+        encoder = _SplitEncoder(folder, detector, cache, stored_levels(detector, with_masks), dtype, device)
+        manifest_splits, total_bytes = encoder.write_all(datasets, batch_size, shard_bytes)
         tokens = _encode_prompts(detector, list(prompts.values()), dtype, device)
     save_file({"tokens": tokens}, str(folder / TEXT_FILE))
     manifest = {
@@ -156,10 +124,80 @@ def build_cache(
         "splits": manifest_splits,
         "prompts": list(prompts),
     }
-    write_manifest(folder, manifest)
+    write_manifest(folder, manifest)  # last: its presence says the cache is complete
     images = sum(len(d) for d in datasets.values())
     logger.info("%s: cached %d images x %d views (%.1f MB)", folder, images, cache.views, total_bytes / 2**20)
     return BuildResult(folder, built=True, images=images, views=cache.views, bytes=total_bytes)
+
+
+def _open_splits(
+    dataset_dir: str | Path,
+    splits: tuple[str, ...],
+    image_size: int,
+    with_masks: bool,
+    negatives: str | Path | None,
+    train_annotations: str,
+) -> dict[str, CocoPromptDataset]:
+    """Each split's samples without augmentation (the views' geometries are drawn by `view_geometry` instead)."""
+    return {
+        split: CocoPromptDataset(
+            dataset_dir,
+            split,
+            image_size=image_size,
+            train=False,
+            with_masks=with_masks,
+            negatives=negatives,
+            annotations_file=train_annotations if split == "train" else ANNOTATIONS_FILE,
+        )
+        for split in splits
+    }
+
+
+@dataclass
+class _SplitEncoder:
+    """Writes the splits' shards: every image's views through the vision encoder, a few images per call."""
+
+    folder: Path
+    detector: Sam3Detector
+    cache: CacheConfig
+    levels: list[int]  # the FPN levels stored (sam3.features.key.stored_levels)
+    dtype: torch.dtype  # storage dtype
+    device: torch.device | str
+
+    def write_all(
+        self, datasets: dict[str, CocoPromptDataset], batch_size: int, shard_bytes: int
+    ) -> tuple[dict[str, list[dict]], int]:
+        """The manifest's entries of each split (image id, file name, shard, target count), and the bytes stored."""
+        views = self.cache.views
+        images_per_call = max(1, batch_size // views)
+        manifest_splits, total_bytes = {}, 0
+        total = sum(len(d) for d in datasets.values()) * views
+        with tqdm(total=total, desc="cache features", unit="view") as progress:
+            for split, dataset in datasets.items():
+                writer = ShardWriter(self.folder, split, shard_bytes)
+                entries = []
+                for start in range(0, len(dataset), images_per_call):
+                    indices = range(start, min(start + images_per_call, len(dataset)))
+                    per_image = _encode_images(
+                        dataset, indices, self.detector, self.cache, self.levels, self.dtype, self.device, batch_size
+                    )
+                    for index, tensors in zip(indices, per_image, strict=True):
+                        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+                        entries.append(_entry(dataset.records[index], writer.add(tensors)))
+                    progress.update(len(indices) * views)
+                writer.flush()
+                manifest_splits[split] = entries
+        return manifest_splits, total_bytes
+
+
+def _entry(record: ImageRecord, shard: str) -> dict:
+    """The manifest entry of one image stored in `shard`."""
+    return {
+        "image_id": record.image_id,
+        "file_name": record.path.name,
+        "shard": shard,
+        "targets": sum(len(q.targets) for q in record.positives.values()),
+    }
 
 
 def _encode_images(
@@ -206,10 +244,10 @@ def _encode_images(
 
 
 def _encode_prompts(detector: Sam3Detector, texts: list[str], dtype: torch.dtype, device) -> torch.Tensor:
-    """float [P, L, D]: every prompt's projected token embeddings, in chunks of PROMPT_CHUNK prompts."""
+    """float [P, L, D]: every prompt's projected token embeddings, in chunks of TEXT_PROMPT_CHUNK prompts."""
     parts = []
-    for start in range(0, len(texts), PROMPT_CHUNK):
-        ids = tokenize(texts[start : start + PROMPT_CHUNK]).to(device)
+    for start in range(0, len(texts), TEXT_PROMPT_CHUNK):
+        ids = tokenize(texts[start : start + TEXT_PROMPT_CHUNK]).to(device)
         parts.append(detector.encode_prompts(ids, attention_mask(ids)).tokens.to(dtype).cpu())
     if not parts:
         raise ConfigError("no prompts to cache: the dataset has no categories")

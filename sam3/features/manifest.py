@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from sam3.errors import ConfigError
+from sam3.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,7 @@ def our_files(folder: Path) -> list[Path]:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Write manifest.json atomically (a reader never sees half a manifest)."""
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    write_json(Path(folder) / MANIFEST, manifest, indent=1, allow_nan=True)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

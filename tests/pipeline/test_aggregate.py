@@ -179,7 +179,7 @@ def test_real_rf100vl_list_when_installed():
         pytest.skip("rf100vl is not installed (it is optional)")
     domains, _ = packaged
     counts = {d: list(domains.values()).count(d) for d in set(domains.values())}
-    # SAM3_RECIPE section 5
+    # docs/RECIPE.md section 5
     assert counts == {
         "Flora/Fauna": 23,
         "Industrial": 22,

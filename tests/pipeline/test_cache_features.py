@@ -24,6 +24,8 @@ from pipeline.cli import main
 from tests.pipeline.prefect_repo import tiny_params
 from tests.training_runs import IMAGE_SIZE, build_small_shapes
 
+pytestmark = pytest.mark.usefixtures("outside_repo")  # stage flags only, not the repository's params.yaml
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
@@ -124,7 +126,7 @@ def test_mistakes_exit_2_with_one_line(shapes, tmp_path, capsys):
     assert main(["cache-features", str(missing), "--out", str(tmp_path / "c"), "--image-size", "112"]) == 2
     assert str(missing) in _one_error_line(capsys.readouterr().err)
     assert main(["cache-features", str(shapes), "--out", str(tmp_path / "c"), "--views", "0"]) == 2
-    assert "--views must be >= 1" in _one_error_line(capsys.readouterr().err)
+    assert "views must be >= 1" in _one_error_line(capsys.readouterr().err)  # the loader names cache.views
 
     params = _params_file(tmp_path, enabled=True)
     train = ["train", "--params", str(params), "--run-dir", str(tmp_path / "run"), "--dataset", str(shapes)]

@@ -28,7 +28,7 @@ import yaml
 
 from pipeline import suite_params
 from pipeline.cli import main
-from pipeline.flows import ODINW13_OVERRIDES, RF100_OVERRIDES
+from pipeline.flows.flow import ODINW13_OVERRIDES, RF100_OVERRIDES
 from pipeline.suite_params import SuiteParams, default_params, fill, load, render, save
 from pipeline.suites import ODINW13_SEEDS, ODINW13_SHOTS
 from sam3.coco import ANNOTATIONS_FILE, load_coco, save_coco

@@ -21,6 +21,8 @@ from sam3.inference import boxes_to_original_xyxy, masks_to_original
 from sam3.model import load_model
 from tests.sam3.tiny_coco import Ann, Img, write_split
 
+pytestmark = pytest.mark.usefixtures("outside_repo")  # stage flags only, not the repository's params.yaml
+
 
 def parse(*argv: str) -> argparse.Namespace:
     """Arguments as `python -m pipeline evaluate ...` parses them."""

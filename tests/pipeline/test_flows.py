@@ -17,20 +17,22 @@ import pytest
 import yaml
 from prefect import flow
 
-from pipeline import flows
 from pipeline.cli import build_parser
-from pipeline.flows import (
+from pipeline.flows import commands, dvc_path, report, suite_path, tasks
+from pipeline.flows import flow as flows_flow
+from pipeline.flows.commands import StageFailed
+from pipeline.flows.registry import (
     CHAMPION_DIR,
     REGISTRY_FILE,
     Champion,
-    DatasetPlan,
-    MetricRow,
-    StageFailed,
     decide_promotion,
     promote_model,
     read_registry,
 )
-from pipeline.params import load_params
+from pipeline.flows.report import MetricRow
+from pipeline.flows.suite_path import DatasetPlan
+from pipeline.params import Params
+from pipeline.stage_args import stage_params
 from sam3.coco import ANNOTATIONS_FILE
 from sam3.errors import ConfigError, DataError
 from tests.pipeline.prefect_repo import IMAGE_SIZE, REPO, shapes_datasets, write_params
@@ -135,86 +137,97 @@ def parsed(command: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(command[3:])
 
 
-def test_suite_commands_parse_with_the_real_cli_and_carry_the_params(tmp_path: Path) -> None:
-    params_file = write_params(tmp_path / "params.yaml")
-    params = load_params(params_file, ["train.max_steps=3"])
-    plan = DatasetPlan("a", "raw/a", "tiny")
-    per_dataset = flows.dataset_commands(plan, params, [30, 300])
-    per_run = flows.run_commands(plan, 30, params, "params.yaml", ["train.max_steps=3"], with_baseline=True)
-    no_baseline = flows.run_commands(plan, 300, params, "params.yaml", [], with_baseline=False)
+def resolved(command: list[str], cwd: Path) -> tuple[argparse.Namespace, Params]:
+    """The command's arguments and the params its stage runs with (its --params file, relative to `cwd`, with its
+    --set items and shorthand flags), as the stage itself resolves them."""
+    args = parsed(command)
+    module = sys.modules[args.run.__module__]
+    args.params = str(cwd / args.params)
+    return args, stage_params(args, getattr(module, "SHORTHANDS", ()))
 
-    # the layout of the DVC suites (suites/<suite>/dvc.yaml)
-    validate = parsed(per_dataset["validate"])
+
+def test_suite_commands_parse_with_the_real_cli_and_carry_the_params(tmp_path: Path) -> None:
+    write_params(tmp_path / "params.yaml")
+    plan = DatasetPlan("a", "raw/a", "tiny")
+    overrides = ["train.max_steps=3"]
+    per_dataset = suite_path.dataset_commands(plan, [30, 300], "params.yaml", overrides)
+    per_run = suite_path.run_commands(plan, 30, "params.yaml", overrides, with_baseline=True)
+    no_baseline = suite_path.run_commands(plan, 300, "params.yaml", [], with_baseline=False)
+
+    # the layout of the DVC suites (suites/<suite>/dvc.yaml); every stage gets the params file and the overrides
+    validate, params = resolved(per_dataset["validate"], tmp_path)
     assert (validate.out, validate.report) == (Path("data/suites/tiny/a/clean"), Path("reports/tiny/a/validate.json"))
-    assert validate.fewshot_seeds == []  # not a few-shot suite
-    preprocess = parsed(per_dataset["preprocess"])
-    assert (str(preprocess.dataset_dir), preprocess.out, preprocess.size) == (
+    assert params.validate.fewshot_seeds == [] and params.train.max_steps == 3  # not a few-shot suite
+    preprocess, params = resolved(per_dataset["preprocess"], tmp_path)
+    assert (str(preprocess.dataset_dir), preprocess.out, params.preprocess.size) == (
         "data/suites/tiny/a/clean",
         Path("data/suites/tiny/a/preprocessed"),
         IMAGE_SIZE,
     )
-    negatives = parsed(per_dataset["negatives"])
-    assert (negatives.strategies, negatives.per_image, negatives.model) == (["absent"], 30, "tiny")
+    negatives, params = resolved(per_dataset["negatives"], tmp_path)
+    assert (params.negatives.strategies, params.negatives.per_image, params.model.source) == ("absent", 30, "tiny")
     assert negatives.out == Path("data/suites/tiny/a/negatives.json")
-    train = parsed(per_run["train"])
+    train, params = resolved(per_run["train"], tmp_path)
     assert train.run_dir == Path("runs/tiny/a/seed30") and train.negatives == "data/suites/tiny/a/negatives.json"
     assert train.overrides == ["train.max_steps=3", "train.seed=30"]  # the seed is applied last
+    assert (params.train.seed, params.train.max_steps) == (30, 3)
     assert train.train_annotations == ANNOTATIONS_FILE
     # the feature cache: one per dataset, shared by the seeds, built with train's params file and overrides
-    cache = parsed(flows.cache_command(plan, 30, "params.yaml", ["train.max_steps=3"]))
+    cache, params = resolved(suite_path.cache_command(plan, 30, "params.yaml", overrides), tmp_path)
     assert (str(cache.dataset), cache.out, cache.params) == (
         "data/suites/tiny/a/preprocessed",
         Path("data/suites/tiny/a/features"),
-        "params.yaml",
+        str(tmp_path / "params.yaml"),
     )
     assert cache.overrides == ["train.max_steps=3"] and cache.negatives == Path("data/suites/tiny/a/negatives.json")
     assert cache.train_annotations == ANNOTATIONS_FILE
-    assert train.feature_cache == "data/suites/tiny/a/features" == str(plan.features(300))
-    evaluate = parsed(per_run["evaluate"])
+    assert train.feature_cache == "data/suites/tiny/a/features" == plan.layout(300).features
+    evaluate, params = resolved(per_run["evaluate"], tmp_path)
     assert evaluate.model == "runs/tiny/a/seed30/model"
     assert evaluate.out == Path("reports/tiny/a/seed30/metrics.json")
-    assert evaluate.gt_original == Path("data/suites/tiny/a/clean/test/_annotations.coco.json")
-    assert evaluate.baseline == "tiny" and parsed(no_baseline["evaluate"]).baseline is None
+    assert evaluate.gt_original == Path("data/suites/tiny/a/clean")  # its test split's file, before preprocessing
+    assert params.evaluate.baseline == "tiny"
+    assert resolved(no_baseline["evaluate"], tmp_path)[1].evaluate.baseline is None
 
 
 def test_odinw13_validate_completes_the_seeds_fewshot_files_and_train_reads_its_seeds(tmp_path: Path) -> None:
-    params = load_params(write_params(tmp_path / "params.yaml"))
+    write_params(tmp_path / "params.yaml")
     plan = DatasetPlan("Aquarium", "raw/Aquarium", "odinw13")
-    validate = parsed(flows.dataset_commands(plan, params, [3, 30])["validate"])
-    assert (validate.fewshot_k, validate.fewshot_seeds) == (10, [3, 30])
+    _, params = resolved(suite_path.dataset_commands(plan, [3, 30], "params.yaml", [])["validate"], tmp_path)
+    assert (params.validate.fewshot_k, params.validate.fewshot_seeds) == (10, [3, 30])
     for seed in (3, 30):
-        train = parsed(flows.run_commands(plan, seed, params, "params.yaml", [], with_baseline=False)["train"])
+        train = parsed(suite_path.run_commands(plan, seed, "params.yaml", [], with_baseline=False)["train"])
         assert train.train_annotations == f"fewshot_train_shot10_seed{seed}.json"
         assert train.run_dir == Path(f"runs/odinw13/Aquarium/seed{seed}")
         # a cache is keyed by its annotation file: one per seed, built on the seed's few-shot file as train reads it
-        cache = parsed(flows.cache_command(plan, seed, "params.yaml", []))
+        cache = parsed(suite_path.cache_command(plan, seed, "params.yaml", []))
         assert cache.train_annotations == train.train_annotations
         assert str(cache.out) == train.feature_cache == f"data/suites/odinw13/Aquarium/features/seed{seed}"
 
 
 def test_the_dvc_path_runs_cache_features_between_negatives_and_train_in_dvc_yaml_order() -> None:
-    assert [task.name for task in flows.DVC_STAGE_TASKS] == list(flows.DVC_STAGES)
+    assert [task.name for task in tasks.DVC_STAGE_TASKS] == list(tasks.DVC_STAGES)
     stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
-    assert [s for s in stages if s in flows.DVC_STAGES] == [s for s in flows.DVC_STAGES if s in stages]
-    assert flows.DVC_STAGES.index("negatives") + 1 == flows.DVC_STAGES.index("cache_features")
-    assert flows.DVC_STAGES.index("cache_features") + 1 == flows.DVC_STAGES.index("train")
-    assert flows.TRAIN_TAG in flows.cache_features.tags  # the accelerators: one job at a time with the trainings
+    assert [s for s in stages if s in tasks.DVC_STAGES] == [s for s in tasks.DVC_STAGES if s in stages]
+    assert tasks.DVC_STAGES.index("negatives") + 1 == tasks.DVC_STAGES.index("cache_features")
+    assert tasks.DVC_STAGES.index("cache_features") + 1 == tasks.DVC_STAGES.index("train")
+    assert tasks.TRAIN_TAG in tasks.cache_features.tags  # the accelerators: one job at a time with the trainings
 
 
 def test_plan_suite_rejects_clashing_names_and_bad_suite_names() -> None:
-    assert flows.plan_suite("s", ["x/a", "y/b"])[1] == DatasetPlan("b", "y/b", "s")
+    assert suite_path.plan_suite("s", ["x/a", "y/b"])[1] == DatasetPlan("b", "y/b", "s")
     with pytest.raises(ConfigError, match=r"datasets \['a'\] appear twice"):
-        flows.plan_suite("s", ["x/a", "y/a"])
+        suite_path.plan_suite("s", ["x/a", "y/a"])
     with pytest.raises(ConfigError, match="suite '../up'"):
-        flows.plan_suite("../up", ["x/a"])
+        suite_path.plan_suite("../up", ["x/a"])
 
 
 def test_find_datasets_under_a_root_leaves_out_and_names_folders_without_splits(tmp_path: Path) -> None:
     shapes_datasets(tmp_path / "root", ["b", "a"])
     (tmp_path / "root" / "notes").mkdir()
-    assert flows.find_datasets(tmp_path, None, "root") == (["root/a", "root/b"], ["notes"])
+    assert suite_path.find_datasets(tmp_path, None, "root") == (["root/a", "root/b"], ["notes"])
     with pytest.raises(DataError, match="no split found"):
-        flows.find_datasets(tmp_path, ["root/notes"], None)
+        suite_path.find_datasets(tmp_path, ["root/notes"], None)
 
 
 def test_dvc_locked_model_reads_the_train_stage_model_out(tmp_path: Path) -> None:
@@ -229,9 +242,9 @@ def test_dvc_locked_model_reads_the_train_stage_model_out(tmp_path: Path) -> Non
             }
         },
     }
-    assert flows.dvc_locked_model(tmp_path) is None
+    assert dvc_path.dvc_locked_model(tmp_path) is None
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock), encoding="utf-8")
-    assert flows.dvc_locked_model(tmp_path) == ("runs/demo/model", "m.dir")
+    assert dvc_path.dvc_locked_model(tmp_path) == ("runs/demo/model", "m.dir")
 
 
 def test_metrics_markdown_lists_runs_and_the_mean_of_defined_values() -> None:
@@ -240,7 +253,7 @@ def test_metrics_markdown_lists_runs_and_the_mean_of_defined_values() -> None:
         MetricRow("a", 1, 0.25, "runs/s/a/seed1/metrics.json", "m"),
         MetricRow("b", 0, None, "runs/s/b/seed0/metrics.json", "m"),
     ]
-    text = flows.metrics_markdown("t", "bbox_AP", rows, ["stage x skipped"])
+    text = report.metrics_markdown("t", "bbox_AP", rows, ["stage x skipped"])
     assert "| a | 1 | 0.2500 | runs/s/a/seed1/metrics.json |" in text
     assert "| b | 0 | n/a |" in text
     assert "Mean bbox_AP over 2 of 3 runs: 0.3750" in text  # (0.5 + 0.25) / 2
@@ -248,14 +261,14 @@ def test_metrics_markdown_lists_runs_and_the_mean_of_defined_values() -> None:
 
 
 def test_summarise_suite_adds_the_odinw13_summary_over_seeds(tmp_path: Path) -> None:
-    plans = flows.plan_suite("odinw13", ["raw/Aquarium", "raw/Raccoon", "raw/pothole"])
+    plans = suite_path.plan_suite("odinw13", ["raw/Aquarium", "raw/Raccoon", "raw/pothole"])
     values = {("Aquarium", 3): 0.6, ("Aquarium", 30): 0.4, ("Raccoon", 3): 0.2, ("Raccoon", 30): 0.0}
     for (name, seed), value in values.items():  # pothole has no run
         path = tmp_path / "reports/odinw13" / name / f"seed{seed}" / "metrics.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"bbox_AP": value}), encoding="utf-8")
 
-    rows, notes = flows.summarise_suite.fn(str(tmp_path), "odinw13", plans, [3, 30], "bbox_AP")
+    rows, notes = suite_path.summarise_suite.fn(str(tmp_path), "odinw13", plans, [3, 30], "bbox_AP")
     assert [(r.dataset, r.seed, r.value) for r in rows] == [
         ("Aquarium", 3, 0.6), ("Aquarium", 30, 0.4), ("Raccoon", 3, 0.2), ("Raccoon", 30, 0.0),
         ("pothole", 3, None), ("pothole", 30, None),
@@ -287,11 +300,11 @@ def test_run_command_logs_every_line_and_runs_the_venv_python(tmp_path: Path) ->
     handler = Lines()
     logger.addHandler(handler)
     script = "import shutil, sys; print(shutil.which('python')); print('err', file=sys.stderr)"
-    flows.run_command([sys.executable, "-c", script], tmp_path, logger)
+    commands.run_command([sys.executable, "-c", script], tmp_path, logger)
     assert handler.lines[1:] == [str(Path(sys.executable).parent / "python"), "err"]  # stage PATH: venv first
 
     with pytest.raises(StageFailed) as failure:
-        flows.run_command(
+        commands.run_command(
             [sys.executable, "-c", "print('error: bad.json: no images'); raise SystemExit(2)"], tmp_path, logger
         )
     assert failure.value.returncode == 2 and failure.value.tail == ["error: bad.json: no images"]
@@ -312,7 +325,7 @@ def retry_probe_command(counter: Path, fail_times: int, message: str) -> list[st
 def test_io_stages_retry_transient_failures_but_not_user_errors(tmp_path: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
-    quick = flows.validate.with_options(retry_delay_seconds=0)  # the task's retries and condition, no waiting
+    quick = tasks.validate.with_options(retry_delay_seconds=0)  # the task's retries and condition, no waiting
 
     @flow
     def probe() -> tuple:
@@ -324,7 +337,7 @@ def test_io_stages_retry_transient_failures_but_not_user_errors(tmp_path: Path) 
 
     with prefect_test_harness():
         transient, user = probe()
-    assert flows.validate.retries == 2
+    assert tasks.validate.retries == 2
     assert transient.is_completed() and (tmp_path / "t").read_text() == "xxx"  # failed twice, third try succeeded
     assert user.is_failed() and (tmp_path / "u").read_text() == "x"  # "error: ..." from the CLI: tried once
 
@@ -333,7 +346,7 @@ def test_io_stages_retry_transient_failures_but_not_user_errors(tmp_path: Path) 
 
 
 def test_deployments_are_the_four_with_a_timezoned_cron_on_retrain() -> None:
-    deployments = {d.name: d for d in flows.deployments()}
+    deployments = {d.name: d for d in flows_flow.deployments()}
     assert list(deployments) == ["demo", "rf100", "odinw13", "retrain"]
     assert {d.flow_name for d in deployments.values()} == {"finetune"}
     retrain = deployments["retrain"]
@@ -357,7 +370,7 @@ def test_finetune_suite_of_3_datasets_x_2_seeds(tmp_path: Path) -> None:
     shapes_datasets(tmp_path / "raw", names)
     write_params(tmp_path / "params.yaml")  # cache.enabled false: the overrides turn it on for this suite
     with prefect_test_harness(server_startup_timeout=120):
-        state = flows.finetune(
+        state = flows_flow.finetune(
             suite="tiny",
             datasets=[f"raw/{name}" for name in names],
             seeds=[0, 1],
@@ -422,7 +435,9 @@ def test_a_broken_dataset_fails_the_flow_naming_its_stages_without_retrying(tmp_
     (tmp_path / "raw/broken/train/_annotations.coco.json").write_text("{not json", encoding="utf-8")
     write_params(tmp_path / "params.yaml")
     with prefect_test_harness(server_startup_timeout=120):
-        state = flows.finetune(suite="bad", datasets=["raw/broken"], seeds=[0], repo=str(tmp_path), return_state=True)
+        state = flows_flow.finetune(
+            suite="bad", datasets=["raw/broken"], seeds=[0], repo=str(tmp_path), return_state=True
+        )
         with get_client(sync_client=True) as client:
             table = client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-bad-metrics"]))

@@ -23,6 +23,8 @@ from sam3.model import load_model
 from sam3.text_similarity import PhraseEmbedder, prompt_embeddings
 from sam3.tokenizer import attention_mask, clean_text, tokenize
 
+pytestmark = pytest.mark.usefixtures("outside_repo")  # stage flags only, not the repository's params.yaml
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():

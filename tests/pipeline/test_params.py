@@ -22,7 +22,8 @@ def test_repo_params_yaml_keeps_the_feature_cache_off_by_default():
 
     # off: the demo pipeline trains from pixels; the cache_features stage then only writes an "off" manifest
     assert load_params(REPO / "params.yaml").cache == CacheConfig() == CacheConfig(False, 1, "fp16", 0)
-    assert load_params(None, ["cache.enabled=true", "cache.views=4"]).cache == CacheConfig(True, 4, "fp16", 0)
+    cached = load_params(None, ["cache.enabled=true", "cache.views=4", "train.freeze=vision"])
+    assert cached.cache == CacheConfig(True, 4, "fp16", 0)
 
 
 def test_defaults_without_file():
@@ -50,6 +51,9 @@ def test_override_sets_typed_value(tmp_path):
         (["model.mode=seg"], "model.mode = 'seg': must be one of 'detection', 'segmentation'"),
         (["preprocess.size=big"], "preprocess.size = 'big': expected int"),
         (["preprocess.size=true"], "preprocess.size = True: expected an integer"),
+        (["train.amp_dtype=fp8"], "train.amp_dtype = 'fp8': must be one of 'bf16', 'fp16', 'none'"),
+        (["train.batch_size=0"], "params: train.batch_size must be >= 1"),
+        (["cache.enabled=true"], "params: cache.enabled needs a frozen vision encoder, but train.freeze is 'none'"),
         (["size=3"], "expected section.key=value"),
     ],
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import flows
+from pipeline.flows import dvc_path, registry, tasks
 from tests.pipeline.prefect_repo import copy_repo
 
 VENV = Path(sys.executable).parent.parent
@@ -85,8 +85,8 @@ def test_prefect_up_serves_the_deployments_and_down_leaves_nothing(tmp_path: Pat
 
         demo = prefect(repo, api, "deployment", "run", "finetune/demo", "--watch")
         assert demo.returncode == 0 and "Completed" in demo.stdout, demo.stdout + demo.stderr
-        stages = [s for s in flows.DVC_STAGES if s in flows.dvc_stage_names(repo)]
-        assert json.loads(flows.dvc_output(repo, "status", "--json", *stages)) == {}  # as `dvc repro` leaves it
+        stages = [s for s in tasks.DVC_STAGES if s in dvc_path.dvc_stage_names(repo)]
+        assert json.loads(dvc_path.dvc_output(repo, "status", "--json", *stages)) == {}  # as `dvc repro` leaves it
         bbox_ap = json.loads((repo / "reports/demo/metrics.json").read_text())["bbox_AP"]
 
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
@@ -98,9 +98,9 @@ def test_prefect_up_serves_the_deployments_and_down_leaves_nothing(tmp_path: Pat
 
         run = prefect(repo, api, "deployment", "run", "finetune/retrain", "--watch")
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr
-        champion = json.loads((repo / flows.REGISTRY_FILE).read_text())["champion"]
+        champion = json.loads((repo / registry.REGISTRY_FILE).read_text())["champion"]
         assert (champion["metric"], champion["value"], champion["source"]) == ("bbox_AP", bbox_ap, "runs/demo/model")
-        assert (repo / flows.CHAMPION_DIR / "config.json").is_file()
+        assert (repo / registry.CHAMPION_DIR / "config.json").is_file()
     finally:
         down = make(repo, "prefect-down", port)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -17,6 +17,8 @@ from sam3.coco import annotation_mask, encode_mask, load_coco, save_coco, split_
 from sam3.errors import DataError
 from sam3.resize import boxes_to_original, fit_size, mask_to_original
 
+pytestmark = pytest.mark.usefixtures("outside_repo")  # stage flags only, not the repository's params.yaml
+
 SIZE = 256
 
 # (split, file name, width, height): three larger than SIZE (landscape JPEG, portrait PNG, landscape PNG) and

@@ -77,7 +77,7 @@ def test_dry_run_prints_the_resolved_params_and_trains_nothing(shapes, tmp_path,
     [
         ("train.max_step=5", "unknown key train.max_step; did you mean train.max_steps?"),
         ("trian.seed=1", "unknown key trian; did you mean train?"),
-        ("train.freeze=decoder", "train.freeze must be one of none, vision, vision_text, heads"),
+        ("train.freeze=decoder", "train.freeze = 'decoder': must be one of 'none', 'vision', 'vision_text', 'heads'"),
         ("train.batch_size=two", "train.batch_size = 'two': expected int"),
     ],
 )
@@ -178,7 +178,7 @@ def test_sigkill_then_restart_ends_with_the_weights_of_an_uninterrupted_run(shap
     killed_at = int(latest_checkpoint(killed_dir / "checkpoints").stem.split("_")[1])
     assert 0 < killed_at < 6 and not (killed_dir / "model").exists()
 
-    caplog.set_level("INFO", logger="sam3.trainer")
+    caplog.set_level("INFO", logger="sam3.training")  # sam3.training.resume says where the run resumed
     assert main(_args(killed_dir, shapes, *settings)) == 0  # the same command again
     assert f"at step {killed_at}" in caplog.text and "resumed from" in caplog.text
     assert main(_args(tmp_path / "straight", shapes, *settings)) == 0

@@ -46,6 +46,8 @@ from tests.pipeline.broken_datasets import (
     write_truncated_png,
 )
 
+pytestmark = pytest.mark.usefixtures("outside_repo")  # stage flags only, not the repository's params.yaml
+
 E, W = "error", "warning"
 
 

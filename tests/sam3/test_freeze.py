@@ -6,7 +6,7 @@ from transformers import Sam3Config, Sam3Model
 
 from sam3.freeze import FREEZE_MODES, apply_freeze
 
-FULL_PARAMS = 840_376_374  # SAM3_RECIPE section 1
+FULL_PARAMS = 840_376_374  # docs/RECIPE.md section 1
 
 
 @pytest.fixture(scope="module")

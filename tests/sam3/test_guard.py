@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from sam3.config import GuardConfig
 from sam3.errors import Sam3Error
 from sam3.guard import DivergenceError, DivergenceGuard
 
@@ -17,7 +18,7 @@ def _feed(guard, losses):
 
 
 def test_spike_above_factor_times_median_is_flagged_and_not_recorded():
-    guard = DivergenceGuard(spike_factor=10.0, window=50, min_history=10)
+    guard = DivergenceGuard(GuardConfig(spike_factor=10.0, window=50, min_history=10))
     _feed(guard, [1.0] * 10)  # median 1.0, limit 10 x 1.0 = 10.0
     reason = guard.check(11.0, step=10)  # 11.0 > 10.0
     assert reason == "loss 11 at step 10 is 11.0x the running median 1 of the last 10 good losses (limit 10x)"
@@ -29,7 +30,7 @@ def test_spike_above_factor_times_median_is_flagged_and_not_recorded():
 
 
 def test_reason_string_for_a_large_spike():
-    guard = DivergenceGuard(spike_factor=10.0, min_history=3)
+    guard = DivergenceGuard(GuardConfig(spike_factor=10.0, min_history=3))
     _feed(guard, [10.0, 9.0, 11.0])  # median 10.0
     # 123.4 / 10.0 = 12.34 -> "12.3x"
     assert guard.check(123.4, step=7) == (
@@ -39,7 +40,7 @@ def test_reason_string_for_a_large_spike():
 
 
 def test_no_spike_judged_before_min_history():
-    guard = DivergenceGuard(spike_factor=10.0, min_history=10)
+    guard = DivergenceGuard(GuardConfig(spike_factor=10.0, min_history=10))
     _feed(guard, [1.0] * 9)
     assert guard.check(100.0) is None  # only 9 good losses seen: the median is not trusted yet
     assert len(guard.history) == 10
@@ -48,14 +49,14 @@ def test_no_spike_judged_before_min_history():
 
 
 def test_median_not_mean():
-    guard = DivergenceGuard(spike_factor=10.0, min_history=10)
+    guard = DivergenceGuard(GuardConfig(spike_factor=10.0, min_history=10))
     _feed(guard, [1.0] * 6 + [8.0] * 4)
     # sorted: 1 1 1 1 1 | 1 8 8 8 8 -> median (1 + 1) / 2 = 1.0; the mean would be (6 + 32) / 10 = 3.8
     assert guard.check(11.0) is not None  # 11 > 10 x 1.0, though 11 < 10 x 3.8 = 38
 
 
 def test_median_over_the_last_window_losses_only():
-    guard = DivergenceGuard(spike_factor=10.0, window=3, min_history=3)
+    guard = DivergenceGuard(GuardConfig(spike_factor=10.0, window=3, min_history=3))
     _feed(guard, [1.0, 1.0, 1.0, 5.0, 5.0, 5.0])
     assert list(guard.history) == [5.0, 5.0, 5.0]  # median 5.0; over all six it would be (1 + 5) / 2 = 3.0
     assert guard.check(40.0) is None  # 40 <= 10 x 5 = 50 (but > 10 x 3 = 30)
@@ -78,13 +79,13 @@ def test_zero_dim_tensor_loss_is_accepted():
 
 
 def test_non_positive_median_skips_the_spike_test():
-    guard = DivergenceGuard(spike_factor=10.0, min_history=3)
+    guard = DivergenceGuard(GuardConfig(spike_factor=10.0, min_history=3))
     _feed(guard, [0.0, 0.0, 0.0])  # median 0: any positive loss would be "infinitely" above it
     assert guard.check(1.0) is None
 
 
 def test_rollbacks_halve_the_lr_then_raise_past_the_limit():
-    guard = DivergenceGuard(lr_factor=0.5, max_rollbacks=3)
+    guard = DivergenceGuard(GuardConfig(lr_factor=0.5, max_rollbacks=3))
     assert guard.lr_multiplier == 1.0
     reason = guard.check(math.nan, step=42)
     assert guard.register_rollback() == 0.5  # 0.5 ** 1
@@ -101,14 +102,14 @@ def test_rollbacks_halve_the_lr_then_raise_past_the_limit():
 
 
 def test_zero_rollbacks_allowed_raises_on_the_first():
-    guard = DivergenceGuard(max_rollbacks=0)
+    guard = DivergenceGuard(GuardConfig(max_rollbacks=0))
     guard.check(math.inf)
     with pytest.raises(DivergenceError, match="after 0 rollback"):
         guard.register_rollback()
 
 
 def test_state_round_trip_through_a_weights_only_file():
-    guard = DivergenceGuard(spike_factor=10.0, window=5, min_history=3, lr_factor=0.5, max_rollbacks=2)
+    guard = DivergenceGuard(GuardConfig(spike_factor=10.0, window=5, min_history=3, lr_factor=0.5, max_rollbacks=2))
     _feed(guard, [2.0, 4.0, 3.0, 5.0, 1.0, 3.0])  # window 5 keeps [4, 3, 5, 1, 3], median 3
     guard.check(math.nan, step=6)
     guard.register_rollback()
@@ -123,7 +124,7 @@ def test_state_round_trip_through_a_weights_only_file():
         "last_reason": "non-finite loss nan at step 6",
     }
 
-    restored = DivergenceGuard(spike_factor=10.0, window=5, min_history=3, lr_factor=0.5, max_rollbacks=2)
+    restored = DivergenceGuard(GuardConfig(spike_factor=10.0, window=5, min_history=3, lr_factor=0.5, max_rollbacks=2))
     restored.load_state_dict(state)
     assert restored.lr_multiplier == 0.5
     assert restored.check(30.0) is None  # 30 <= 10 x 3
@@ -134,7 +135,7 @@ def test_state_round_trip_through_a_weights_only_file():
 
 
 def test_smaller_window_on_load_keeps_the_newest_losses():
-    guard = DivergenceGuard(window=3, min_history=1)
+    guard = DivergenceGuard(GuardConfig(window=3, min_history=1))
     guard.load_state_dict({"history": [1.0, 2.0, 3.0, 4.0, 5.0], "rollbacks": 0, "last_reason": None})
     assert list(guard.history) == [3.0, 4.0, 5.0]
 
@@ -152,4 +153,4 @@ def test_smaller_window_on_load_keeps_the_newest_losses():
 )
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
-        DivergenceGuard(**kwargs)
+        DivergenceGuard(GuardConfig(**kwargs))

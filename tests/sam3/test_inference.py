@@ -17,7 +17,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from pipeline.preprocess import preprocess_dataset
 from sam3.batch import PromptBatch
 from sam3.coco import split_annotation_path
 from sam3.data import val_transform
@@ -35,6 +34,7 @@ from sam3.inference import (
 )
 from sam3.model import load_model
 from sam3.tokenizer import attention_mask, tokenize
+from tests.datasets import preprocess_dataset
 from tests.sam3.tiny_coco import Ann, Img, write_split
 
 CATEGORIES = {1: "cat", 2: "dog", 3: "bird"}

@@ -1,4 +1,4 @@
-"""SAM 3 criterion, every term against values worked out by hand (SAM3_RECIPE section 3).
+"""SAM 3 criterion, every term against values worked out by hand (docs/RECIPE.md section 3).
 
     loss_bbox     = 5 * sum_matched |b - g|_1 / N_b
     loss_giou     = 2 * sum_matched (1 - GIoU(b, g)) / N_b
@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sam3.config import LossConfig
 from sam3.errors import ConfigError
-from sam3.losses import Criterion, dice_loss, normalisers
+from sam3.losses import Criterion, normalisers
+from sam3.mask_losses import dice_loss
 
 # The standard case: one query, one target g, two predictions.
 #   g      = (0.5, 0.5, 0.2, 0.2) cxcywh = (0.4, 0.4, 0.6, 0.6) xyxy
@@ -145,7 +147,7 @@ def test_negative_query_with_ce_on_negative_prompts_adds_the_unmatched_term():
     loss_presence = 3.132617 as without the option; box terms 0.
     """
     outputs = _outputs([[2.0, -2.0]], [PRED_BOXES], [-1.0])
-    losses = Criterion(ce_on_negative_prompts=True)(outputs, [{"boxes": torch.zeros(0, 4)}])
+    losses = Criterion(LossConfig(ce_on_negative_prompts=True))(outputs, [{"boxes": torch.zeros(0, 4)}])
     assert losses["loss_ce"].item() == pytest.approx(16.518840, rel=1e-5)
     assert losses["loss_presence"].item() == pytest.approx(3.132617, rel=1e-6)
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
@@ -169,7 +171,7 @@ def test_focal_class_loss_by_hand():
     loss_ce = 2 * (0.005665 + 0.016994) / 1 = 0.045316
     """
     outputs, targets = _standard()
-    losses = Criterion(class_loss="focal")(outputs, targets)
+    losses = Criterion(LossConfig(class_loss="focal"))(outputs, targets)
     assert losses["loss_ce"].item() == pytest.approx(0.045316, rel=1e-4)
     assert losses["loss_bbox"].item() == pytest.approx(0.5, abs=1e-6)
 
@@ -181,7 +183,7 @@ def test_focal_class_loss_covers_negative_prompts():
     loss_ce = 2 * (1.237559 + 0.001353) / N_b (= max(1, 0) = 1) = 2.477823; no box terms.
     """
     outputs = _outputs([[2.0, -2.0]], [PRED_BOXES], [-1.0])
-    losses = Criterion(class_loss="focal")(outputs, [{"boxes": torch.zeros(0, 4)}])
+    losses = Criterion(LossConfig(class_loss="focal"))(outputs, [{"boxes": torch.zeros(0, 4)}])
     assert losses["loss_ce"].item() == pytest.approx(2.477823, rel=1e-6)
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
     assert losses["loss_presence"].item() == pytest.approx(3.132617, rel=1e-6)
@@ -268,7 +270,7 @@ def test_gradients_are_finite_on_a_random_batch():
     for class_loss in ("iabce", "focal"):
         outputs = layer(masks=True)
         outputs["aux_outputs"] = [layer(masks=False), layer(masks=False)]
-        losses = Criterion(class_loss=class_loss, with_masks=True)(outputs, targets)
+        losses = Criterion(LossConfig(class_loss=class_loss), with_masks=True)(outputs, targets)
         losses["loss"].backward()
         leaves = [outputs[k] for k in ("pred_logits", "pred_boxes", "presence_logits", "pred_masks")]
         leaves += [aux[k] for aux in outputs["aux_outputs"] for k in ("pred_logits", "pred_boxes", "presence_logits")]
@@ -296,7 +298,7 @@ def test_reference_sqrt_scaling_is_off_by_default():
     outputs = _outputs([PRED_LOGITS] * 4, [PRED_BOXES] * 4, [PRESENCE] * 4)
     targets = [{"boxes": torch.tensor([TARGET])}] * 4
     plain = Criterion()(outputs, targets)
-    scaled = Criterion(scale_by_sqrt_num_queries=True)(outputs, targets)
+    scaled = Criterion(LossConfig(scale_by_sqrt_num_queries=True))(outputs, targets)
     for name in plain:
         assert scaled[name].item() == pytest.approx(2 * plain[name].item(), rel=1e-6)
     # 4 targets, N_b = 4: loss_bbox = 5 * 4 * 0.1 / 4 = 0.5, the same as for one query
@@ -305,7 +307,7 @@ def test_reference_sqrt_scaling_is_off_by_default():
 
 def test_errors_say_what_to_change():
     with pytest.raises(ConfigError, match="class_loss='bce' is not known: use one of iabce, focal"):
-        Criterion(class_loss="bce")
+        Criterion(LossConfig(class_loss="bce"))
     outputs, targets = _standard()
     with pytest.raises(ConfigError, match="needs 'pred_masks'"):
         Criterion(with_masks=True)(outputs, targets)

@@ -1,6 +1,6 @@
 """SA-Co metric parts (sam3.evaluation.saco), each against values worked out by hand.
 
-Formulas under test (SAM3_RECIPE section 5):
+Formulas under test (docs/RECIPE.md section 5):
     per pair: Hungarian assignment maximising IoU; TP_t = #{matched with IoU >= t}, FP_t = D - TP_t, FN_t = G - TP_t
     pmF1_t = 2 TP / (2 TP + FP + FN) over pairs with GT;  IL_MCC = (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))
     cgF1 = 100 * mean_t(pmF1_t * IL_MCC)

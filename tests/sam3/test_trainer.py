@@ -24,6 +24,7 @@ from torch.distributed.elastic.utils.distributed import get_free_port
 from transformers import Sam3Model
 
 import sam3.trainer as trainer
+import sam3.training.setup as run_setup
 from sam3.checkpoint import step_checkpoint_name
 from sam3.config import GuardConfig
 from sam3.data import CocoPromptDataset, collate_prompts
@@ -60,7 +61,7 @@ def _train_keeping_model(job, monkeypatch: pytest.MonkeyPatch) -> Sam3Detector:
         built.append(load_model(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(trainer, "load_model", keep)
+    monkeypatch.setattr(run_setup, "load_model", keep)
     trainer.train(job)
     return built[0]
 
@@ -116,7 +117,7 @@ def test_activation_checkpointing_and_compiled_vit_blocks_train_the_same(
 
     from sam3.compiling import compile_vit_blocks
 
-    monkeypatch.setattr(trainer, "compile_vit_blocks", partial(compile_vit_blocks, backend="aot_eager"))
+    monkeypatch.setattr(run_setup, "compile_vit_blocks", partial(compile_vit_blocks, backend="aot_eager"))
     job = make_job(tmp_path, shapes, no_dropout_model, batch_size=4, activation_checkpointing=True, compile=True)
     trainer.train(job)
     _assert_same_training(tmp_path, batch4_run, no_dropout_model)
@@ -226,7 +227,7 @@ def test_freeze_mode_trains_only_its_parts(mode, shapes, tmp_path, monkeypatch, 
     frozen_count = sum(p.numel() for n, p in initial.named_parameters() if n in frozen)
     trainable_count = sum(p.numel() for n, p in initial.named_parameters() if n in trainable)
 
-    caplog.set_level("INFO", logger="sam3.trainer")
+    caplog.set_level("INFO", logger="sam3.training")
     detector = _train_keeping_model(make_job(tmp_path, shapes, max_steps=1, freeze=mode), monkeypatch)
 
     assert f"parameters: {trainable_count:,} trainable, {frozen_count:,} frozen (freeze={mode}," in caplog.text
@@ -256,7 +257,7 @@ def _lr(step: int, multiplier: float = 1.0) -> float:
 
 def test_nan_loss_rolls_back_to_the_last_checkpoint_lowers_the_lr_and_finishes(shapes, tmp_path, monkeypatch):
     # call 4 is optimiser step index 3 (the 4th step); the newest checkpoint then is step 2
-    monkeypatch.setattr(trainer, "Criterion", lambda **kwargs: NanOnCall(bad_calls=(4,), **kwargs))
+    monkeypatch.setattr(run_setup, "Criterion", lambda *args, **kwargs: NanOnCall((4,), *args, **kwargs))
     trainer.train(make_job(tmp_path, shapes, max_steps=4, checkpoint_every=2))
 
     records = _records(tmp_path)
@@ -280,7 +281,7 @@ def test_nan_loss_rolls_back_to_the_last_checkpoint_lowers_the_lr_and_finishes(s
 def test_nan_after_the_rollback_budget_raises_divergence_error(shapes, tmp_path, monkeypatch):
     from sam3.guard import DivergenceError
 
-    monkeypatch.setattr(trainer, "Criterion", lambda **kwargs: NanOnCall(bad_calls=None, **kwargs))
+    monkeypatch.setattr(run_setup, "Criterion", lambda *args, **kwargs: NanOnCall(None, *args, **kwargs))
     job = make_job(tmp_path, shapes, max_steps=4, guard=GuardConfig(max_rollbacks=2))
     with pytest.raises(DivergenceError, match=r"diverged again after 2 rollback\(s\)"):
         trainer.train(job)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from pipeline.demo_data import build_demo_dataset
-from pipeline.shapes_data import build_shapes_dataset
+from sam3.config import LossConfig
 from sam3.data import CocoPromptDataset, collate_prompts
 from sam3.engine import train_step
 from sam3.losses import Criterion
 from sam3.model import load_model
+from tests.datasets import build_demo_dataset, build_shapes_dataset
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_fifty_steps_on_four_shapes_images_halve_the_loss(tmp_path):
     # the validation transform: the same 4 fixed images every step
     dataset = CocoPromptDataset(tmp_path, "train", image_size=112, train=False)
     batch = collate_prompts([dataset[i] for i in range(4)])
-    criterion = Criterion(class_loss="focal")  # from scratch (SAM3_RECIPE section 1)
+    criterion = Criterion(LossConfig(class_loss="focal"))  # from scratch (docs/RECIPE.md section 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     losses = []
     for _ in range(50):

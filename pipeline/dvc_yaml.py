@@ -1,0 +1,303 @@
+"""`python -m pipeline dvc-yaml [--check]`: write dvc.yaml and suites/<suite>/dvc.yaml from `pipeline.stages`.
+
+The three files are generated, never edited by hand: each stage's command comes from `pipeline.stages`, its params
+from the sections the stage reads (`READS`), and its code dependencies from the import closure of the stage's module
+(`pipeline.code_deps`), so that a change to any file a stage runs re-runs it. `--check` only compares and exits 1
+naming the files that differ (tests/pipeline/test_stage_deps.py runs the same comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import stages
+from pipeline.code_deps import REPO_ROOT, code_closure
+from pipeline.stages import Layout
+from sam3.io import write_text
+
+PARAMS_FILE = "params.yaml"
+SUITES = ("rf100vl", "odinw13")
+FEWSHOT_SUITES = ("odinw13",)  # suites whose seeds train on their own few-shot file
+# The stage module whose import closure is each stage's code, and the params.yaml sections / keys it reads.
+MODULES = {
+    "demo_data": "pipeline.demo_data",
+    "validate": "pipeline.validate",
+    "preprocess": "pipeline.preprocess",
+    "negatives": "pipeline.negatives",
+    "cache_features": "pipeline.cache_features",
+    "train": "pipeline.train",
+    "evaluate": "pipeline.evaluate",
+    "aggregate": "pipeline.aggregate",
+}
+READS = {
+    "validate": ["validate"],
+    "preprocess": ["preprocess"],
+    "negatives": ["negatives", "model.source"],
+    "cache_features": ["model", "cache", "train.freeze"],
+    "train": ["model", "train", "cache", "optim", "loss", "guard", "ddp", "launcher"],
+    "evaluate": ["model.mode", "model.image_size", "evaluate"],
+}
+
+
+@dataclass
+class Stage:
+    """One dvc.yaml stage before rendering."""
+
+    name: str
+    cmd: list[str]
+    deps: list[str]  # data; the code deps are added from MODULES[name]
+    outs: list[Any]
+    params: list[Any] = field(default_factory=list)
+    metrics: list[Any] = field(default_factory=list)
+    plots: list[Any] = field(default_factory=list)
+    matrix: dict[str, str] | None = None
+    comment: str = ""
+
+    def body(self, wdir: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.matrix:
+            body["matrix"] = dict(self.matrix)
+        if wdir:
+            body["wdir"] = wdir
+        body["cmd"] = Folded(" ".join(self.cmd))
+        body["deps"] = self.deps + code_closure(MODULES[self.name])
+        if self.params:
+            body["params"] = self.params
+        body["outs"] = self.outs
+        if self.metrics:
+            body["metrics"] = self.metrics
+        if self.plots:
+            body["plots"] = self.plots
+        return body
+
+
+def _uncached(path: str) -> dict[str, Any]:
+    return {path: {"cache": False}}
+
+
+def _plots(results: str) -> list[Any]:
+    axes = {"per_category_ap.json": ("AP", "category"), "pr_curve.json": ("recall", "precision")}
+    return [
+        {f"{results}/{stages.PLOTS_FOLDER}/{name}": {"cache": False, "x": axes[name][0], "y": axes[name][1]}}
+        for name in stages.PLOT_FILES
+    ]
+
+
+def dataset_stages(
+    layout: Layout, extra: dict[str, list[str]], suite_params: dict[str, list[str]], sets: dict[str, list[str]]
+) -> list[Stage]:
+    """validate ... evaluate over one layout. `extra`: per stage, arguments after the params (the suites' flags);
+    `suite_params`: per stage, keys of the suite's params file it reads; `sets`: per stage, `--set` items."""
+
+    def params(name: str, *root: str) -> list[Any]:
+        listed: list[Any] = [*root, *READS[name]]
+        return listed + ([{suite_file: suite_params[name]}] if suite_params.get(name) else [])
+
+    suite_file = suite_params.get("file", [""])[0]
+    command = {
+        name: getattr(stages, name)(layout, PARAMS_FILE, sets.get(name, []), extra.get(name, [])) for name in READS
+    }
+    root_name = ["dataset.name"] if "${dataset.name}" in layout.clean else []
+    evaluate_outs = [f"{layout.results}/{stages.PREDICTIONS_FILE}"]
+    if not sets.get("evaluate"):  # the baseline's before/after table is written only with a baseline
+        evaluate_outs.append(_uncached(f"{layout.results}/{stages.REPORT_FILE}"))
+    return [
+        Stage(
+            "validate", command["validate"], [layout.raw],
+            [layout.clean, _uncached(f"{layout.reports}/{stages.VALIDATE_REPORT}")],
+            params("validate", *(["dataset.raw"] if "${dataset.raw}" in layout.raw else []), *root_name),
+        ),
+        Stage(
+            "preprocess", command["preprocess"], [layout.clean], [layout.preprocessed],
+            params("preprocess", *root_name),
+        ),
+        Stage(
+            "negatives", command["negatives"], [layout.preprocessed], [layout.negatives],
+            params("negatives", *root_name),
+        ),
+        Stage(
+            "cache_features", command["cache_features"], [layout.preprocessed, layout.negatives],
+            [{layout.features: {"persist": True}}] if suite_file else [layout.features],
+            params("cache_features", *root_name),
+            comment=CACHE_COMMENT,
+        ),
+        Stage(
+            "train", command["train"], [layout.preprocessed, layout.negatives, layout.features],
+            [
+                layout.model,
+                {f"{layout.run}/checkpoints": {"persist": True}},
+                f"{layout.run}/tensorboard",
+                f"{layout.run}/train_stats.jsonl",
+                f"{layout.run}/params.yaml",
+            ],
+            params("train", *root_name),
+            comment="checkpoints persist: an interrupted `dvc repro` resumes from the newest one",
+        ),
+        Stage(
+            "evaluate", command["evaluate"], [layout.model, layout.preprocessed, layout.clean], evaluate_outs,
+            params("evaluate", *root_name),
+            metrics=[_uncached(f"{layout.results}/{stages.METRICS_FILE}")],
+            plots=_plots(layout.results),
+        ),
+    ]  # fmt: skip
+
+
+CACHE_COMMENT = (
+    "cache.enabled false (the default): writes only a manifest saying the cache is off (no model, about a second), "
+    "so train's input stays the same. true: the frozen encoders' outputs, which train then reads instead of pixels."
+)
+
+
+def root_document() -> tuple[str, dict[str, Stage]]:
+    demo = Stage("demo_data", stages.demo_data(), [], ["data/raw/demo"])
+    layout = stages.root_layout()
+    return ROOT_HEADER, {s.name: s for s in [demo, *dataset_stages(layout, {}, {}, {})]}
+
+
+def suite_document(suite: str) -> tuple[str, dict[str, Stage]]:
+    """suites/<suite>/dvc.yaml: the dataset stages as a `matrix` over ${<suite>.datasets} (x seeds in a few-shot
+    suite), then the aggregate stage."""
+    fewshot = suite in FEWSHOT_SUITES
+    item_seed = "${item.seed}" if fewshot else None
+    k = f"${{{suite}.validate_flags.fewshot-k}}"
+    train_file = f"fewshot_train_shot{k}_seed${{item.seed}}.json" if fewshot else None
+    layout = stages.suite_layout(
+        suite, "${item.dataset}", f"${{{suite}.root}}/${{item.dataset}}", item_seed, train_file
+    )
+    flags = {name: f"${{{suite}.{name}_flags}}" for name in ("validate", "train", "aggregate")}
+    extra = {
+        "validate": [flags["validate"]],
+        "cache_features": [flags["train"]],
+        "train": [flags["train"], *(["--set", "train.seed=${item.seed}"] if fewshot else [])],
+    }
+    suite_file = f"suites/{suite}/{PARAMS_FILE}"
+    suite_params = {
+        "file": [suite_file],
+        "validate": [f"{suite}.root", f"{suite}.validate_flags"],
+        "cache_features": [f"{suite}.train_flags"],
+        "train": [f"{suite}.train_flags"],
+    }
+    per_dataset = {"dataset": f"${{{suite}.datasets}}"}
+    per_run = {**per_dataset, "seed": f"${{{suite}.validate_flags.fewshot-seeds}}"} if fewshot else per_dataset
+    found = dataset_stages(layout, extra, suite_params, {"evaluate": [stages.NO_BASELINE]})
+    for stage in found:
+        stage.matrix = per_run if stage.name in ("cache_features", "train", "evaluate") else per_dataset
+    aggregate = Stage(
+        "aggregate",
+        stages.aggregate("${item.suite}", [flags["aggregate"]]),
+        ["reports/${item.suite}"],
+        [_uncached("reports/${item.suite}.md")],
+        [{suite_file: [f"{suite}.aggregate_flags"]}],
+        metrics=[_uncached("reports/${item.suite}.json")],
+        matrix={"suite": f"${{{suite}.aggregate}}"},
+        comment=f"one stage once datasets are listed ({suite}.aggregate: [{suite}]), none while the list is empty",
+    )
+    return SUITE_HEADERS[suite], {s.name: s for s in [*found, aggregate]}
+
+
+class Folded(str):
+    """A command line, written as a folded YAML block (`>-`) wrapped at the line width."""
+
+
+class _Dumper(yaml.SafeDumper):
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)  # lists indented under their key, as people write dvc.yaml
+
+
+_Dumper.add_representer(Folded, lambda dumper, data: dumper.represent_scalar("tag:yaml.org,2002:str", data, style=">"))
+
+
+def render(header: str, stage_map: dict[str, Stage], wdir: str | None = None, vars_file: str | None = None) -> str:
+    """The dvc.yaml text: the header comment, optional `vars`, then each stage (its comment above it)."""
+    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()]
+    if vars_file:
+        lines += ["vars:", f"  - {vars_file}", ""]
+    lines.append("stages:")
+    for stage in stage_map.values():
+        text = yaml.dump({stage.name: stage.body(wdir)}, Dumper=_Dumper, sort_keys=False, width=116, indent=2)
+        if stage.comment:
+            lines += [f"  # {line}" for line in _wrap(stage.comment, 114)]
+        lines += [f"  {line}" for line in text.rstrip().splitlines()]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
+
+
+def documents() -> dict[Path, str]:
+    """{path relative to the repository: the generated text} of every dvc.yaml."""
+    header, root = root_document()
+    files = {Path("dvc.yaml"): render(header, root)}
+    for suite in SUITES:
+        header, found = suite_document(suite)
+        files[Path("suites") / suite / "dvc.yaml"] = render(header, found, wdir="../..", vars_file="../../params.yaml")
+    return files
+
+
+def stale_files(root: Path = REPO_ROOT) -> list[Path]:
+    """The dvc.yaml files under `root` whose text differs from the generated one (or that are missing)."""
+    return [
+        path
+        for path, text in documents().items()
+        if not (root / path).is_file() or (root / path).read_text(encoding="utf-8") != text
+    ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 naming the files that differ")
+
+
+def run(args: argparse.Namespace) -> int:
+    stale = stale_files()
+    if args.check:
+        for path in stale:
+            print(f"{path} differs from `python -m pipeline dvc-yaml`'s output (regenerate it)")
+        return 1 if stale else 0
+    for path, text in documents().items():
+        write_text(REPO_ROOT / path, text)
+    print(f"wrote {', '.join(str(p) for p in documents())}" + (f" ({len(stale)} changed)" if stale else " (unchanged)"))
+    return 0
+
+
+ROOT_HEADER = """
+Generated by `python -m pipeline dvc-yaml` from pipeline/stages.py: edit that, not this file.
+The pipeline's stages over params.yaml's dataset: validate -> preprocess -> negatives -> cache_features -> train ->
+evaluate (demo_data builds the demo dataset). Every stage command takes its paths plus `--params params.yaml` and
+reads its own sections; `params` lists those sections, `deps` the data and every source file the stage imports
+(its import closure), so a change to a parameter, the data or the code re-runs exactly the stages it affects.
+"""
+
+SUITE_HEADERS = {
+    "rf100vl": """
+Generated by `python -m pipeline dvc-yaml` from pipeline/stages.py: edit that, not this file.
+RF100-VL as DVC stages: per dataset validate -> preprocess -> negatives -> cache_features -> train -> evaluate, then
+the aggregate table (mean over datasets and per domain). train_flags (suites/rf100vl/params.yaml) hold the recipe's
+settings as `--set` items, among them the seeded 100-image subset (train.subset_images); the cache covers every
+training image, so one cache serves any subset and seed.
+  python -m pipeline fetch rf100vl --root data/raw/rf100vl          # downloads it (rf100vl package + API key)
+  python -m pipeline suite-params rf100vl --root data/raw/rf100vl   # lists the datasets found in params.yaml here
+  dvc repro suites/rf100vl/dvc.yaml
+Values: ${rf100vl.*} from params.yaml in this folder (empty lists in git: no stage at all), the rest from the root
+params.yaml. Commands run at the repository root (wdir). The baseline model is not evaluated here.
+""",
+    "odinw13": """
+Generated by `python -m pipeline dvc-yaml` from pipeline/stages.py: edit that, not this file.
+ODinW13 10-shot as DVC stages: per dataset validate -> preprocess -> negatives, per dataset x seed cache_features ->
+train (both on the seed's few-shot file, train.seed = the seed) -> evaluate, then the aggregate table (mean per
+seed, mean and spread over seeds). validate_flags name the few-shot files to check and carry along, drawn when the
+dataset lacks them.
+  python -m pipeline suite-params odinw13 --root data/raw/odinw13   # lists the datasets found in params.yaml here
+  dvc repro suites/odinw13/dvc.yaml
+Values: ${odinw13.*} from params.yaml in this folder (empty lists in git: no stage at all), the rest from the root
+params.yaml. Commands run at the repository root (wdir). The baseline model is not evaluated here.
+""",
+}

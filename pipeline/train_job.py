@@ -1,0 +1,46 @@
+"""The plain-valued `TrainJob` a run trains from, built from the checked params, and the resolved params file
+written next to the run. Shared by the local path (`pipeline.train`) and the SLURM path (`pipeline.launch`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.params import Params, to_dict
+from sam3.coco import ANNOTATIONS_FILE
+from sam3.io import write_text
+
+
+def build_job(
+    params: Params,
+    run_dir: Path,
+    dataset: str,
+    negatives: str | None,
+    train_annotations: str = ANNOTATIONS_FILE,
+    feature_cache: str | None = None,
+):
+    """The plain-valued `TrainJob` the library trains from."""
+    from sam3.config import TrainJob
+
+    return TrainJob(
+        run_dir=str(run_dir),
+        dataset_dir=dataset,
+        negatives=negatives,
+        train_annotations=train_annotations,
+        model_source=params.model.source,
+        image_size=params.model.image_size,
+        with_masks=params.model.mode == "segmentation",
+        loop=params.train,
+        optim=params.optim,
+        loss=params.loss,
+        guard=params.guard,
+        ddp=params.ddp,
+        cache=params.cache,
+        feature_cache_dir=feature_cache,
+        params=to_dict(params),
+    )
+
+
+def write_resolved_params(params: Params, run_dir: Path) -> None:
+    write_text(Path(run_dir) / "params.yaml", yaml.safe_dump(to_dict(params), sort_keys=False))

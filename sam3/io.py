@@ -1,0 +1,37 @@
+"""Atomic file writers: a reader (DVC hashing an output, a stage reading the last one's file, a user's editor) sees
+the old file or the new one, never half of one.
+
+    write_text(path, text)   text -> <path>.tmp in the same folder -> os.replace(<path>.tmp, path)
+    write_json(path, data)   json.dumps(data, sort_keys=True, indent=2) + "\\n" through write_text
+
+The temporary file sits in the target's folder because `os.replace` is atomic only within one file system. Parent
+folders are created. JSON is deterministic (sorted keys, fixed indent, newline at the end), so two runs on the same
+inputs write byte-identical files and DVC hashes stay stable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+JSON_INDENT = 2  # metrics, predictions, reports; COCO annotation files use 1 (sam3.coco.save_coco)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: Any, indent: int = JSON_INDENT, allow_nan: bool = False) -> None:
+    """Write `data` as JSON atomically and deterministically (sorted keys, `indent`, newline at the end).
+
+    NaN / Infinity are refused (ValueError, before anything is written) unless `allow_nan`: they are not JSON, and
+    most readers other than Python's reject them.
+    """
+    write_text(path, json.dumps(data, sort_keys=True, indent=indent, allow_nan=allow_nan) + "\n")

@@ -1,0 +1,87 @@
+"""What a run writes as it trains, from rank 0 only: TensorBoard scalars, train_stats.jsonl (one JSON object per
+line: a step's loss terms, grad norm, lr per component, images/s, peak memory; rollback events; validation
+metrics), optionally Weights & Biases, and the tqdm progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sam3.distributed import DistInfo
+from sam3.engine import StepResult
+from sam3.errors import ConfigError
+
+
+def open_progress(total: int, done: int, dist_info: DistInfo):
+    """The tqdm bar of the optimiser steps, starting at `done` (shown on rank 0 only)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", disable=not dist_info.is_main)
+
+
+class TrainLogs:
+    """TensorBoard scalars, train_stats.jsonl and optionally Weights & Biases, written by rank 0 only."""
+
+    def __init__(
+        self, run_dir: Path, dist_info: DistInfo, wandb_project: str | None = None, params: dict | None = None
+    ):
+        self.enabled = dist_info.is_main
+        self.wandb = None
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.jsonl = (run_dir / "train_stats.jsonl").open("a", encoding="utf-8")
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(
+                    "train.wandb_project is set but the wandb package is not installed: pip install wandb"
+                ) from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=params or {}, resume="allow")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+        self.event({"step": step, **values})
+
+    def step(
+        self,
+        step: int,
+        result: StepResult,
+        optimizer: torch.optim.Optimizer,
+        images_per_s: float,
+        device: torch.device,
+    ) -> None:
+        if not self.enabled:
+            return
+        # .item() here only: these are the host syncs of a log step
+        record = {"step": step, **{k: float(v) for k, v in result.terms.items()}}
+        record["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else None
+        for group in optimizer.param_groups:
+            record.setdefault(f"lr/{group['component']}", group["lr"])
+        record["images_per_s"] = images_per_s
+        if device.type == "cuda":
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        self.scalars(step, {key: value for key, value in record.items() if key != "step"})
+
+    def event(self, record: dict) -> None:
+        if self.enabled:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()
