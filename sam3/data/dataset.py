@@ -1,4 +1,4 @@
-"""COCO images as SAM 3 training samples: one image with one text query per dataset category (SAM3_RECIPE section 2).
+"""COCO images as SAM 3 training samples: one image with one text query per dataset category (docs/RECIPE.md section 2).
 
 For one image of a split in the Roboflow layout (`<dataset>/<split>/_annotations.coco.json` + images):
 - every category present in the image is a positive query: prompt = the category name verbatim, targets = its
@@ -109,7 +109,7 @@ class CocoPromptDataset(EpochDataset):
         seed: base seed of the per-sample generators.
         num_negatives: None keeps every absent category as a negative query (the reference). A number k keeps a
             random k of them per sample (fewer prompts per image helps small models trained from scratch,
-            SAM3_RECIPE section 1). Extra negatives from the file are always kept.
+            docs/RECIPE.md section 1). Extra negatives from the file are always kept.
         annotations_file: the annotation file of the split folder to read: `_annotations.coco.json` (the split), or
             another file over the same images, e.g. an ODinW few-shot file `fewshot_train_shot10_seed3.json`.
     """

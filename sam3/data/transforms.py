@@ -1,4 +1,4 @@
-"""The SAM 3 reference image transforms: warp to a square, pad to S x S, normalise (SAM3_RECIPE section 2).
+"""The SAM 3 reference image transforms: warp to a square, pad to S x S, normalise (docs/RECIPE.md section 2).
 
 Image, instance boxes and instance masks go through the same torchvision.transforms.v2 ops as tv_tensors, so they
 stay aligned. Two variants, one code path (`warp_pad`):

@@ -4,7 +4,7 @@ are what `pipeline.stages` generates, and the library never imports the pipeline
 How these were checked to fail: deleting `- sam3/box_ops.py` from dvc.yaml's train stage fails
 test_dvc_deps_cover_every_module_a_stage_imports (naming the stage and the file) and
 test_dvc_deps_committed_files_are_generated; adding `import pipeline.params` to sam3/losses.py fails
-test_import_boundary_sam3_never_imports_pipeline; a lazy `from sam3 import scratch` inside a function of
+test_import_boundary_sam3_never_imports_pipeline; a lazy `from sam3 import guard` inside a function of
 pipeline/evaluate.py, not yet regenerated, fails the dvc_deps tests.
 """
 
