@@ -84,10 +84,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[CacheSettings, bool]:
 def run(args: argparse.Namespace) -> int:
     from sam3.errors import ConfigError
     from sam3.features.manifest import write_disabled
+    from sam3.run_lock import run_lock
 
     settings, enabled = resolve_settings(args)
     if not enabled:
-        write_disabled(args.out)
+        with run_lock(args.out, "feature cache build"):
+            write_disabled(args.out)
         print(f"feature cache off (cache.enabled false in {args.params}): {args.out} holds only its manifest")
         return 0
     if settings.cache.views < 1:
@@ -99,22 +101,24 @@ def run(args: argparse.Namespace) -> int:
     from sam3.inference import resolve_device
     from sam3.model import load_model
 
-    device = resolve_device(args.device)
-    detector = load_model(settings.model, image_size=settings.image_size)
-    result = build_cache(
-        args.dataset,
-        args.out,
-        detector,
-        settings.cache,
-        with_masks=settings.mode == "segmentation",
-        splits=tuple(args.splits),
-        negatives=args.negatives,
-        train_annotations=args.train_annotations,
-        source=settings.model,
-        device=device,
-        batch_size=args.batch_size,
-        shard_bytes=args.shard_mb * 2**20,
-    )
+    # two builds into one folder would delete and mix each other's shards: one at a time
+    with run_lock(args.out, "feature cache build"):
+        device = resolve_device(args.device)
+        detector = load_model(settings.model, image_size=settings.image_size)
+        result = build_cache(
+            args.dataset,
+            args.out,
+            detector,
+            settings.cache,
+            with_masks=settings.mode == "segmentation",
+            splits=tuple(args.splits),
+            negatives=args.negatives,
+            train_annotations=args.train_annotations,
+            source=settings.model,
+            device=device,
+            batch_size=args.batch_size,
+            shard_bytes=args.shard_mb * 2**20,
+        )
     if result.built:
         size_mb = result.bytes / 2**20
         print(f"feature cache: {result.images} images x {result.views} views, {size_mb:.1f} MB in {args.out}")

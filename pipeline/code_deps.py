@@ -19,6 +19,7 @@ the safe side: an import under `if TYPE_CHECKING:` counts as well.
 from __future__ import annotations
 
 import ast
+import hashlib
 from functools import cache
 from pathlib import Path
 
@@ -87,6 +88,15 @@ def package_data(package_dir: Path) -> list[Path]:
         for p in package_dir.iterdir()
         if p.is_file() and p.suffix not in (".py", ".pyc") and not p.name.startswith(".")
     ]
+
+
+def code_fingerprint(name: str, root: Path = REPO_ROOT) -> str:
+    """sha256 over the path and bytes of every file of `code_closure(name)`: changes when any file the stage runs
+    does (a training run records it, so that a checkpoint written by other code is not resumed)."""
+    digest = hashlib.sha256()
+    for relative in code_closure(name, root):
+        digest.update(relative.encode() + b"\0" + (root / relative).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def code_closure(name: str, root: Path = REPO_ROOT) -> list[str]:

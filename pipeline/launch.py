@@ -94,6 +94,7 @@ def submit_slurm(
     import submitit
 
     from pipeline.train_job import build_job, write_resolved_params
+    from sam3.run_lock import run_lock
 
     launcher = params.launcher
     executor = submitit.AutoExecutor(folder=launcher.log_dir)
@@ -114,7 +115,8 @@ def submit_slurm(
     caches = feature_caches or [None] * len(datasets)
     for dataset, cache in zip(datasets, caches, strict=True):
         target = Path(run_dir) / Path(dataset).name if len(datasets) > 1 else Path(run_dir)
-        write_resolved_params(params, target)
+        with run_lock(target, "training run"):  # a job still training there: RunLocked, its params.yaml kept
+            write_resolved_params(params, target)
         jobs_to_run.append(_SlurmTask(build_job(params, target, dataset, negatives, train_annotations, cache)))
     on_this_machine = executor.cluster != "slurm"
     if on_this_machine:

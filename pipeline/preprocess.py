@@ -11,7 +11,10 @@ Per image (geometry in `sam3.resize`):
 - An image that already fits is copied byte for byte and its annotations are kept unchanged.
 - A larger image is resized (Lanczos) and saved in its own format: PNG stays PNG; JPEG is re-encoded at quality
   JPEG_QUALITY with fixed settings. Palette ("P") and 1-bit images are resampled as RGB(A) / L, because Pillow
-  would otherwise fall back to nearest-neighbour. Its boxes, polygons, RLE masks and areas are scaled.
+  would otherwise fall back to nearest-neighbour. A 16-bit greyscale image is first mapped to 8 bits exactly as
+  every reader maps it (`sam3.images.to_8bit`), so the resized file holds the pixels training would see, not
+  values clipped to white; a copied one stays 16-bit (the readers map it). Its boxes, polygons, RLE masks and
+  areas are scaled.
 - The record gets the new width/height and `orig_width`/`orig_height`: the size before ANY preprocessing (kept
   when the input was itself preprocessed), so predictions can always be mapped back to the true original.
 
@@ -46,7 +49,7 @@ from pipeline.stage_args import Shorthand, add_params_arguments, stage_params
 from sam3.coco import ANNOTATIONS_FILE, load_coco, present_splits, save_coco, split_annotation_path
 from sam3.config import SAM3_IMAGE_SIZE
 from sam3.errors import ConfigError, DataError
-from sam3.images import make_upright, upright_size
+from sam3.images import make_upright, to_8bit, upright_size
 from sam3.resize import ORIG_HEIGHT, ORIG_WIDTH, fit_size, original_size, scale_annotation
 
 log = logging.getLogger(__name__)
@@ -102,8 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sam3.run_lock import run_lock
+
     params = stage_params(args, SHORTHANDS).preprocess
-    summary = preprocess_dataset(args.dataset_dir, args.out, size=params.size, workers=params.workers)
+    with run_lock(args.out, "preprocess run"):  # a second writer of the folder: RunLocked naming the first
+        summary = preprocess_dataset(args.dataset_dir, args.out, size=params.size, workers=params.workers)
     for split, counts in summary["splits"].items():
         log.info(
             "%s: %d images (%d resized, %d copied), %d annotations",
@@ -407,6 +413,7 @@ def _save_resized(im: Image.Image, path: Path, new_size: tuple[int, int]) -> Non
         options.update(JPEG_OPTIONS)
     elif fmt == "PNG":
         options.update(PNG_OPTIONS)
+    im = to_8bit(im)  # 16-bit greyscale -> "L" by the readers' rule; UnsupportedPixels (a ValueError) for float
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif im.mode == "1":

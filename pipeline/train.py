@@ -11,6 +11,8 @@ Reads params.yaml into typed sections, writes the resolved params next to the ru
   as a local run (paths relative to the submission folder, where SLURM starts the job); the cache folders and the
   --train-annotations file are checked before submitting, so a job never waits in the queue to fail on them.
 The run folder holds checkpoints/, model/ (transformers format), tensorboard/, train_stats.jsonl, params.yaml.
+One trainer per run folder: a second one (a second `dvc repro`, a double-started flow) exits 2 naming the holder,
+before it writes anything (sam3.run_lock).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sam3.coco import present_splits
+    from sam3.run_lock import run_lock
 
     params = stage_params(args)
     dataset = args.dataset or f"data/preprocessed/{params.dataset.name}"
@@ -80,17 +83,20 @@ def run(args: argparse.Namespace) -> int:
     check_train_annotations(dataset, args.train_annotations)
     (feature_cache,) = feature_cache_dirs(args.feature_cache, params, [dataset])
     job = build_job(params, args.run_dir, dataset, args.negatives, args.train_annotations, feature_cache)
-    write_resolved_params(params, args.run_dir)
-    processes = params.launcher.nodes * params.launcher.gpus_per_node
-    if processes > 1:
-        from pipeline.launch import launch_local
+    # held from before params.yaml is written to the end; train() takes it again (re-entrant), and the workers of
+    # a multi-process run are covered by it as this process's children (sam3.run_lock)
+    with run_lock(args.run_dir, "training run"):
+        write_resolved_params(params, args.run_dir)
+        processes = params.launcher.nodes * params.launcher.gpus_per_node
+        if processes > 1:
+            from pipeline.launch import launch_local
 
-        launch_local(job, params.launcher.gpus_per_node)
-    else:
-        from sam3.trainer import train
+            launch_local(job, params.launcher.gpus_per_node)
+        else:
+            from sam3.trainer import train
 
-        export_dir = train(job)
-        print(f"fine-tuned model: {export_dir}")
+            export_dir = train(job)
+            print(f"fine-tuned model: {export_dir}")
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.code_deps import code_fingerprint
 from pipeline.params import Params, to_dict
 from sam3.coco import ANNOTATIONS_FILE
 from sam3.io import write_text
@@ -20,7 +21,10 @@ def build_job(
     train_annotations: str = ANNOTATIONS_FILE,
     feature_cache: str | None = None,
 ):
-    """The plain-valued `TrainJob` the library trains from."""
+    """The plain-valued `TrainJob` the library trains from. Its `params` (stored in every checkpoint and compared
+    on resume) hold the resolved params plus the fingerprint of the code the train stage runs, so a run whose code
+    changed (a fix to the loss, say) starts over instead of resuming the old code's last checkpoint: `dvc repro`
+    re-runs train after such a change, and its persisted checkpoints must not turn that into a no-op."""
     from sam3.config import TrainJob
 
     return TrainJob(
@@ -38,7 +42,7 @@ def build_job(
         ddp=params.ddp,
         cache=params.cache,
         feature_cache_dir=feature_cache,
-        params=to_dict(params),
+        params={**to_dict(params), "code": {"sha256": code_fingerprint("pipeline.train")}},
     )
 
 

@@ -30,6 +30,9 @@ Decisions a user should know:
 - A category without any valid annotation is a warning and stays (it still serves as a negative prompt);
   an image without annotations is legal and not reported.
 - Records keep unknown keys; the clean copy holds them exactly as read.
+- Image files are read only inside the dataset folder (validation.paths): a symbolic link that leads outside it, or
+  nowhere, quarantines its record (link_outside_dataset, broken_link) and its target is never read or copied; a
+  link inside it is fine, and the clean copy holds its target's file under the record's file_name (no links).
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def _check_split(runner: SuiteRunner, dataset_dir: Path, split: SplitRecords, ma
     """Every problem of one split: the suites over its three tables, then its image files."""
     images, problems = image_table(split)
     problems += runner.check(images, image_rules())
-    problems += check_image_files(images, dataset_dir / split.folder, max_pixels)
+    problems += check_image_files(images, dataset_dir, max_pixels)
     annotations, found = annotation_table(split)
     image_ids, category_ids = _ints(split.records(Table.IMAGES)), _ints(split.records(Table.CATEGORIES))
     problems += found + runner.check(annotations, annotation_rules(image_ids, category_ids))

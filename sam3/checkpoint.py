@@ -21,6 +21,11 @@ file in the same folder, flushes and fsyncs it, renames it over the final name (
 file system) and fsyncs the folder, so a crash or SIGKILL at any moment leaves either the old set of files or
 the new one, never a half-written checkpoint under a real name.
 
+Integrity: torch's zip format stores a CRC-32 of every record, which torch.load never checks; `latest_checkpoint`
+does (`sam3.checkpoint_integrity`), so a file damaged in its middle (size kept), truncated or unreadable is skipped
+(with `set_aside_damaged`, moved to corrupt/) and the newest intact one is returned. Files written before that
+check existed carry the same CRCs and are verified alike.
+
 One process writes a folder (rank 0 under DDP); the RNG states saved are that process's.
 """
 
@@ -40,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sam3.checkpoint_integrity import damage, set_aside
 from sam3.errors import Sam3Error
 
 log = logging.getLogger(__name__)
@@ -138,22 +144,32 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The newest readable step checkpoint in `ckpt_dir`, or None when there is none.
+def latest_checkpoint(ckpt_dir: str | Path, set_aside_damaged: bool = False) -> Path | None:
+    """The newest intact step checkpoint in `ckpt_dir`, or None when there is none.
 
-    Step files are tried from the highest step down; one that torch cannot read (truncated, corrupt) or that is
-    not ours is skipped with a WARNING naming it. The probe memory-maps the file (`mmap=True`), so it reads the
-    small pickled index and the zip directory, not gigabytes of weights: a truncated file fails there, because
-    the zip directory sits at the end of the file.
+    Step files are tried from the highest step down. One that is damaged (a record whose CRC-32 does not match,
+    truncated: `sam3.checkpoint_integrity.damage`, which reads the whole file) or that torch cannot read is skipped
+    with a WARNING naming it and why; with `set_aside_damaged` (the process that owns the folder, when resuming)
+    it is also moved to ckpt_dir/corrupt/, never deleted, so the next save cannot mistake it for the newest. An
+    intact file that is not ours (a bare state_dict) is skipped and left where it is. The readability probe
+    memory-maps the file (`mmap=True`), so it unpickles the small index without copying the weights.
     """
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         return None
     for _, path in sorted(_step_files(folder), reverse=True):
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # torch raises OSError, RuntimeError, KeyError, ... for a damaged file
-            log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(err).__name__, err)
+        problem = damage(path)
+        if problem is None:
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # torch raises OSError, RuntimeError, KeyError, ... for a file it cannot use
+                problem = f"unreadable ({type(err).__name__}: {err})"
+        if problem is not None:
+            if set_aside_damaged:
+                moved = set_aside(path)
+                log.warning("skipping checkpoint %s, %s; moved it to %s", path, problem, moved)
+            else:
+                log.warning("skipping checkpoint %s, %s", path, problem)
             continue
         if not _is_ours(payload):
             log.warning("skipping %s: not a %s file", path, FORMAT)
@@ -312,7 +328,8 @@ def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     except Exception as err:  # any failure here means the file cannot be used; keep torch's words in the message
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(err).__name__}: {err}). It is truncated, corrupt or holds "
-            "pickled objects; delete it to resume from the previous one, or pass another file."
+            "pickled objects; move it away to resume from the previous one (a resuming run sets it aside by itself), "
+            "or pass another file."
         ) from err
     if not _is_ours(payload):
         raise CheckpointError(

@@ -47,6 +47,7 @@ from sam3.data.dataset import CocoPromptDataset
 from sam3.data.transforms import val_transform
 from sam3.engine import autocast
 from sam3.errors import ConfigError
+from sam3.images import to_8bit
 from sam3.model import PromptFeatures, Sam3Detector
 from sam3.resize import ORIG_HEIGHT, ORIG_WIDTH, boxes_to_original, original_size
 from sam3.tokenizer import attention_mask, tokenize
@@ -347,7 +348,8 @@ def predict_images(
         features = encode_prompt_features(detector, prompts, prompt_chunk)
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            pixels = [pil_to_tensor(image.convert("RGB")) for image in batch]
+            # to_8bit: a 16-bit greyscale image would otherwise clip to white (sam3.images)
+            pixels = [pil_to_tensor(to_8bit(image).convert("RGB")) for image in batch]
             pixel_values = torch.stack([val_transform(p, no_boxes, None, size).image for p in pixels]).to(resolved)
             tops = top_detections(detector, pixel_values, features, with_masks, prompt_chunk, max_dets, score_threshold)
             for image, top in zip(batch, tops, strict=True):

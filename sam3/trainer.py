@@ -17,6 +17,9 @@ Features and the `TrainJob` fields (sam3.config) that turn them on:
 - checkpoints every N steps, at each epoch end and at the end, atomic, resumed automatically:
   loop.checkpoint_every, loop.keep_last, loop.checkpoint_epochs; other params -> a new run
 - divergence guard (roll back, lower lr, go on, up to a limit): guard
+- one trainer per run folder: rank 0 holds run_dir/.lock for the whole run (sam3.run_lock); a second one gets
+  RunLocked. On resume a damaged checkpoint (zip CRC mismatch, truncated) is moved to checkpoints/corrupt/ and the
+  run goes on from the newest intact one (sam3.checkpoint_integrity)
 - logs: tqdm, TensorBoard, train_stats.jsonl, every loop.log_every steps
 At the end the model is exported in transformers format to run_dir/model (`Sam3Model.from_pretrained` loads it).
 
@@ -33,7 +36,8 @@ from pathlib import Path
 import torch
 
 from sam3.config import LoopConfig, TrainJob
-from sam3.distributed import barrier, init_distributed
+from sam3.distributed import DistInfo, barrier, init_distributed
+from sam3.training.ddp import main_rank_lock
 from sam3.training.fit import FitLoop
 from sam3.training.logs import TrainLogs
 from sam3.training.resume import RunCheckpoints, changed_params, resume_or_start
@@ -51,6 +55,13 @@ def train(job: TrainJob) -> Path:
     dist_info = init_distributed(timeout_s=job.ddp.timeout_s)
     if dist_info.device.type == "cuda":
         _set_cuda_backends(job.loop)
+    # one trainer per run folder (RunLocked otherwise), before anything in it is read or written
+    with main_rank_lock(Path(job.run_dir), dist_info):
+        return _run(job, dist_info)
+
+
+def _run(job: TrainJob, dist_info: DistInfo) -> Path:
+    """The run inside the lock: setup, resume or start, fit (or one validation pass), export."""
     run_dir = Path(job.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if dist_info.is_main:

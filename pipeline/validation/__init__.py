@@ -4,6 +4,7 @@
 - `records`: loads a split and flattens its images, annotations and categories into pandas tables of scalar facts.
 - `rle`: reads the run lengths of a COCO RLE and says why it does not decode.
 - `suites`: the great-expectations rules over those tables, run in one ephemeral context, turned into Problems.
+- `paths`: where an image record's file really is (links followed), refusing whatever lies outside the dataset.
 - `files`: opens the image files (what great-expectations cannot do).
 - `quarantine`: splits each split's records into valid and quarantined from the problems found.
 - `output`: writes the clean copy and the quarantine.

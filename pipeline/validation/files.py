@@ -1,13 +1,17 @@
 """Image file checks, the part great-expectations cannot express: is each image's file there, safe, and decodable?
 
 Per image, in this order, stopping at the first failure (one file problem per image):
-unsafe_file_name (absolute or `..`) -> file_missing -> not_an_image (PIL cannot identify it) ->
+unsafe_file_name (absolute, `..`) -> link_outside_dataset -> broken_link (links: `paths.locate`; nothing outside
+the dataset folder is opened) -> file_missing -> not_an_image (PIL cannot identify it) ->
 image_too_large (width * height from the header, BEFORE any decoding: a decompression bomb is never decoded) ->
-image_size_mismatch (upright size vs JSON width/height) -> truncated_image (PIL `verify`, then a full `load`).
+image_size_mismatch (upright size vs JSON width/height) -> truncated_image (PIL `verify`, then a full `load`) ->
+unsupported_pixels (decodes, but `sam3.images.to_8bit` has no 8-bit mapping for it: float pixels, say).
 
 The size compared is the upright image's (EXIF orientation applied, `sam3.images.upright_size`), the size every
 reader of the image sees; it is read from the decoded image (a PNG's EXIF may follow its pixel data), so a file
-that does not decode is compared by its header size and then reported as truncated.
+that does not decode is compared by its header size and then reported as truncated. When the EXIF orientation
+turns the picture by 90 degrees, a size mismatch says so, and says when the record has the stored (sideways) size:
+the usual cause is a tool that ignored the orientation.
 """
 
 from __future__ import annotations
@@ -15,26 +19,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.validation.paths import locate
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.records import RecordTable
-from sam3.images import upright_size
+from sam3.images import exif_orientation, unsupported_pixels, upright_size
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels; about 300 MB once decoded as RGB
-
-
-def unsafe_reason(file_name: str) -> str | None:
-    """Why `file_name` would point outside its split folder (absolute path or a `..` part), or None."""
-    posix = PurePosixPath(file_name.replace("\\", "/"))
-    if posix.is_absolute() or PureWindowsPath(file_name).drive:
-        return "is an absolute path"
-    if ".." in posix.parts:
-        return "has a '..' part"
-    return None
 
 
 @contextmanager
@@ -64,50 +60,77 @@ def _inspect(path: Path, width: int | None, height: int | None, max_pixels: int)
         return Check.FILE_MISSING, f"{reason}; put the image there or fix file_name"
     try:
         with Image.open(path) as image:  # reads the header only
-            real_width, real_height = image.size
+            stored = image.size
     except UnidentifiedImageError:
         return Check.NOT_AN_IMAGE, "is not an image PIL can read; replace it with the real image"
     except OSError as err:
         return Check.NOT_AN_IMAGE, f"cannot be opened ({err}); replace it with the real image"
-    if real_width * real_height > max_pixels:
+    if stored[0] * stored[1] > max_pixels:
         return (
             Check.IMAGE_TOO_LARGE,
-            f"is {real_width}x{real_height} = {real_width * real_height:,} pixels, over the limit of "
+            f"is {stored[0]}x{stored[1]} = {stored[0] * stored[1]:,} pixels, over the limit of "
             f"{max_pixels:,}; not decoded (downscale it, or raise --max-pixels if it is genuine)",
         )
-    (real_width, real_height), err = _decode(path, (real_width, real_height))
-    if width is not None and height is not None and (real_width, real_height) != (width, height):
+    decoded = _decode(path, stored)
+    if width is not None and height is not None and decoded.size != (width, height):
+        real_width, real_height = decoded.size
         return (
             Check.IMAGE_SIZE_MISMATCH,
-            f"is {real_width}x{real_height} but the annotation file says width {width}, height {height}; "
-            "fix the record or re-export the image",
+            f"is {real_width}x{real_height} but the annotation file says width {width}, height {height}"
+            f"{_orientation_note(decoded, stored, (width, height))}; fix the record or re-export the image",
         )
-    if err is not None:
+    if decoded.error is not None:
+        err = decoded.error
         return (
             Check.TRUNCATED_IMAGE,
             f"does not decode (truncated or corrupt: {type(err).__name__}: {err}); re-export the image",
         )
+    if decoded.unsupported is not None:
+        return Check.UNSUPPORTED_PIXELS, decoded.unsupported
     return None
 
 
-def _decode(path: Path, header_size: tuple[int, int]) -> tuple[tuple[int, int], Exception | None]:
-    """Decode the image in full: its upright size and None, or `header_size` and the error when it does not decode."""
+class _Decoded(NamedTuple):
+    size: tuple[int, int]  # upright (the header's when the file does not decode)
+    orientation: object  # EXIF Orientation, 1 when none (or when the file does not decode)
+    error: Exception | None  # why it does not decode
+    unsupported: str | None  # why its pixels have no 8-bit mapping (sam3.images.unsupported_pixels)
+
+
+def _decode(path: Path, header_size: tuple[int, int]) -> _Decoded:
+    """Decode the image in full: its upright size, orientation and pixel mapping, or the error when it does not."""
     try:
         with Image.open(path) as image:
             image.verify()  # container integrity (e.g. PNG chunk checksums); the image is unusable afterwards
         with Image.open(path) as image:
             image.load()  # a full decode catches what verify does not look at (truncated JPEG data)
-            return upright_size(image), None
+            return _Decoded(upright_size(image), exif_orientation(image), None, unsupported_pixels(image))
     except Exception as err:  # decoders raise many types on bad bytes (OSError, SyntaxError, ...); all mean corrupt
-        return header_size, err
+        return _Decoded(header_size, 1, err, None)
+
+
+def _orientation_note(decoded: _Decoded, stored: tuple[int, int], record: tuple[int, int]) -> str:
+    """What the EXIF orientation has to do with a size mismatch: nothing ("") unless it turns the picture by 90
+    degrees (the upright size is the stored one swapped); then it names it, and says so when the record holds the
+    stored (sideways) size, the usual cause being a tool that ignored the orientation."""
+    if decoded.size == stored:
+        return ""
+    note = f" (its EXIF Orientation {decoded.orientation} turns the stored {stored[0]}x{stored[1]} pixels by 90 degrees"
+    if record == stored:
+        return (
+            f"{note}, as viewers and annotation tools show it; the record has the stored, sideways size: the tool "
+            "that wrote it ignored the orientation, but sizes and boxes must be of the upright picture)"
+        )
+    return f"{note})"
 
 
 def _size(value: float) -> int | None:
     return int(value) if not math.isnan(value) and value > 0 else None
 
 
-def check_image_files(table: RecordTable, split_dir: Path, max_pixels: int) -> list[Problem]:
-    """File problems of every image record of `table` (a `records.image_table`) whose file_name is a string."""
+def check_image_files(table: RecordTable, dataset_dir: Path, max_pixels: int) -> list[Problem]:
+    """File problems of every image record of `table` (a `records.image_table`) whose file_name is a string; its
+    files are looked for in the table's split folder of `dataset_dir`, and only inside `dataset_dir`."""
     problems = []
     frame = table.frame
     for index in tqdm(frame.index, desc=f"{table.split} image files", unit="image"):
@@ -115,16 +138,16 @@ def check_image_files(table: RecordTable, split_dir: Path, max_pixels: int) -> l
         file_name = row["file_name"]
         if not isinstance(file_name, str):
             continue  # missing_key / wrong_type already report it
-        unsafe = unsafe_reason(file_name)
-        if unsafe is not None:
+        located = locate(dataset_dir, table.folder, file_name)
+        if located.check == Check.UNSAFE_FILE_NAME:
             shown = file_name  # not joined to the split folder: it is not inside it
-            found = (
-                Check.UNSAFE_FILE_NAME,
-                f"file_name {file_name!r} {unsafe}; make it a path inside the split folder",
-            )
+            found = (located.check, f"{located.reason}; make it a path inside the split folder")
         else:
             shown = f"{table.folder}/{file_name}"
-            found = inspect_image(split_dir / file_name, _size(row["width_int"]), _size(row["height_int"]), max_pixels)
+            if located.path is None:
+                found = (located.check, located.reason)
+            else:
+                found = inspect_image(located.path, _size(row["width_int"]), _size(row["height_int"]), max_pixels)
             found = None if found is None else (found[0], f"{shown} {found[1]}")
         if found is None:
             continue

@@ -6,7 +6,12 @@
     CLEAN_DIR/<split>/<file_name>                         valid images, hard-linked (copied across filesystems)
     CLEAN_DIR/_quarantine/<split>/_annotations.coco.json  the quarantined records, each with `_problems` (a few-shot
                                                           file's under its own name)
-    CLEAN_DIR/_quarantine/<split>/<file_name>             the quarantined images' files that exist
+    CLEAN_DIR/_quarantine/<split>/<file_name>             the quarantined images' files that exist inside the dataset
+
+Image files are found through `paths.locate`, as validation found them: a symbolic link inside the dataset is
+replaced by its target's file (the copies hold no links, which would dangle once the folder moves), and nothing
+outside the dataset folder is ever placed, in the clean copy or the quarantine: a record whose link leads out
+(`link_outside_dataset`) is quarantined as a record with its reason, never with the bytes of its target.
 
 `_quarantine/` is always created (empty when nothing was quarantined): it marks the folder as validate output,
 the only kind of non-empty folder a later run will replace.
@@ -20,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.validation.files import unsafe_reason
+from pipeline.validation.paths import locate
 from pipeline.validation.problems import Table
 from pipeline.validation.quarantine import SplitOutcome
 from sam3.coco import save_coco
@@ -53,7 +58,8 @@ def prepare_out_dir(out_dir: Path, dataset_dir: Path) -> None:
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link `source` to `target` (no extra disk space), or copy it where a link is not possible."""
+    """Hard-link the real file `source` (no symbolic link: `paths.locate` resolved it) to `target` (no extra disk
+    space), or copy its bytes where a hard link is not possible; `target` is a real file either way."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         return  # two records share one file
@@ -63,16 +69,17 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _copy_images(images: list[Any], source_dir: Path, target_dir: Path) -> int:
-    """Place the files of `images` (those with a safe file_name that exists) under `target_dir`; returns how many."""
+def _copy_images(images: list[Any], dataset_dir: Path, folder: str, target_dir: Path) -> int:
+    """Place the files of `images` (those whose file_name `paths.locate` finds as a file inside the dataset) under
+    `target_dir`, each under its record's file_name; returns how many."""
     placed = 0
     for image in images:
         record = image.get("_record", image) if isinstance(image, dict) else image
         file_name = record.get("file_name") if isinstance(record, dict) else None
-        if not isinstance(file_name, str) or unsafe_reason(file_name) is not None:
+        if not isinstance(file_name, str):
             continue
-        source = source_dir / file_name
-        if source.is_file():
+        source = locate(dataset_dir, folder, file_name).path  # None: unsafe name or a link leading out / nowhere
+        if source is not None and source.is_file() and not source.is_symlink():
             link_or_copy(source, target_dir / file_name)
             placed += 1
     return placed
@@ -86,9 +93,8 @@ def write_outcome(outcome: SplitOutcome, dataset_dir: Path, out_dir: Path) -> No
     """Write one annotation file's clean copy and images, and its quarantine when it has one, under the same
     split folder and file name (a few-shot file of train/ goes to CLEAN_DIR/train/ and _quarantine/train/)."""
     folder, name = outcome.records.folder, outcome.records.name
-    source_dir = dataset_dir / folder
     save_coco(out_dir / folder / name, _with_records(outcome.records.data, outcome.valid))
-    _copy_images(outcome.valid[Table.IMAGES], source_dir, out_dir / folder)
+    _copy_images(outcome.valid[Table.IMAGES], dataset_dir, folder, out_dir / folder)
     if not any(outcome.quarantined.values()):
         return
     quarantine_dir = out_dir / QUARANTINE_DIR / folder
@@ -97,5 +103,5 @@ def write_outcome(outcome: SplitOutcome, dataset_dir: Path, out_dir: Path) -> No
     # allow_nan: quarantined records may hold the NaN/Infinity they were rejected for; they are written back as
     # found (Python's json, and so load_coco, reads them)
     save_coco(quarantine_dir / name, data, allow_nan=True)
-    placed = _copy_images(outcome.quarantined[Table.IMAGES], source_dir, quarantine_dir)
+    placed = _copy_images(outcome.quarantined[Table.IMAGES], dataset_dir, folder, quarantine_dir)
     log.debug("%s: %d quarantined image files placed in %s", outcome.split, placed, quarantine_dir)

@@ -47,13 +47,16 @@ class Check(StrEnum):
     BAD_RLE = "bad_rle"  # RLE that does not decode
     RLE_SIZE_MISMATCH = "rle_size_mismatch"  # RLE size differs from its image's height and width
     EMPTY_CATEGORY = "empty_category"  # warning: no valid annotation in any split
-    # image file checks (files.py)
+    # image file checks (paths.py, files.py)
     UNSAFE_FILE_NAME = "unsafe_file_name"  # absolute path or `..`: escapes the split folder
+    LINK_OUTSIDE_DATASET = "link_outside_dataset"  # a symbolic link leads outside the dataset; its target never read
+    BROKEN_LINK = "broken_link"  # a symbolic link leads to nothing (missing target or a loop)
     FILE_MISSING = "file_missing"
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"  # width * height from the header over --max-pixels; never decoded
     IMAGE_SIZE_MISMATCH = "image_size_mismatch"  # real size differs from the JSON width/height
     TRUNCATED_IMAGE = "truncated_image"  # PIL verify or a full decode fails
+    UNSUPPORTED_PIXELS = "unsupported_pixels"  # decodes, but no 8-bit mapping (float, or int beyond 16 bits)
     # few-shot files of the train split (validate.py)
     NOT_IN_TRAIN = "not_in_train"  # a few-shot image that is not a valid image of the train split (id + file_name)
     # consequences, written on quarantined annotations only (not in the report's problem list)

@@ -12,6 +12,7 @@ Records that are not JSON objects cannot become rows; they are reported here as 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -77,8 +78,15 @@ class RecordTable:
 
 def load_split(dataset_dir: Path, split: str, name: str = ANNOTATIONS_FILE) -> SplitRecords:
     """Parse `<dataset_dir>/<split>/<name>` (the split's own file by default); DataError when it is not a COCO
-    object with three lists."""
+    object with three lists, or when a symbolic link (the file's or its split folder's) leads outside the dataset
+    folder: what validate reads and copies comes from inside it (`paths`)."""
     path = dataset_dir / split / name
+    real = Path(os.path.realpath(path))  # realpath: a link loop stays unresolved (load_coco reports it), no error
+    if not real.is_relative_to(os.path.realpath(dataset_dir)):
+        raise DataError(
+            f"{path}: a link to {real}, outside the dataset folder; not read. Copy the file (or the split folder) "
+            "into the dataset"
+        )
     data = load_coco(path)
     for table in Table:
         value = data.get(str(table))

@@ -1,4 +1,5 @@
-"""DistributedDataParallel for the trainer: wrapping the model, and loss values averaged over ranks.
+"""DistributedDataParallel for the trainer: wrapping the model, loss values averaged over ranks, and the run
+folder's lock taken by rank 0 for all ranks.
 
 Every rank must take the same decisions (divergence guard) and rank 0 logs the global batch's terms, so losses are
 all-reduced: a rank's term is its share S_r / N of the global sum (N: the normaliser averaged over ranks,
@@ -7,10 +8,15 @@ all-reduced: a rank's term is its share S_r / N of the global sum (N: the normal
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 
 from sam3.config import DDPConfig
 from sam3.distributed import DistInfo
+from sam3.run_lock import RunLocked, run_lock
 
 
 def wrap_ddp(detector: torch.nn.Module, ddp: DDPConfig, dist_info: DistInfo) -> torch.nn.Module:
@@ -52,3 +58,31 @@ def global_means(terms: dict[str, torch.Tensor], dist_info: DistInfo) -> dict[st
     stacked = torch.stack([value.detach().float() for value in terms.values()])
     torch.distributed.all_reduce(stacked)
     return dict(zip(terms, stacked / dist_info.world_size, strict=True))
+
+
+@contextlib.contextmanager
+def main_rank_lock(run_dir: Path, dist_info: DistInfo) -> Iterator[None]:
+    """The run folder's lock (`sam3.run_lock`) for the whole run: taken by rank 0 alone, its outcome shared.
+
+    Why rank 0 alone, not every rank nor local rank 0 of each node: rank 0 is the one process that writes the run
+    folder (checkpoints, logs, export), and a multi-node run's folder sits on a file system all nodes share, where
+    a lock taken per node would find the first node's and refuse the run itself (every rank would block every
+    other). The other ranks learn through one broadcast whether rank 0 got it, so a refused run stops on every rank
+    at once, with the same one-line RunLocked, instead of leaving them waiting at the next collective until the
+    DDP timeout.
+    """
+    if not dist_info.enabled:
+        with run_lock(run_dir, "training run"):
+            yield
+        return
+    with contextlib.ExitStack() as held:
+        refusal = [None]
+        if dist_info.is_main:
+            try:
+                held.enter_context(run_lock(run_dir, "training run"))
+            except RunLocked as err:
+                refusal = [str(err)]
+        torch.distributed.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise RunLocked(refusal[0])
+        yield

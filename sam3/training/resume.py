@@ -4,6 +4,11 @@ A run folder holds one run. `resume_or_start` resumes from the newest checkpoint
 run-defining params (`changed_params`); a checkpoint of other params is set aside as superseded.pt, never resumed
 (a DVC re-run after a param change must train anew). A fresh run saves step 0 first: the first "last good" state
 the divergence guard can roll back to.
+
+Only intact checkpoints are resumed (or rolled back to): `latest()` verifies the CRC-32 of every record of the
+newest file (`sam3.checkpoint_integrity`), and rank 0 moves a damaged, truncated or unreadable one to
+checkpoints/corrupt/ with a warning naming it and why, then tries the next older one. The other ranks skip the
+same files without moving them: the verdict depends only on the file's bytes, so every rank picks the same one.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from sam3.training.setup import RunParts
 
 logger = logging.getLogger(__name__)
 
+# the sections that define a run; "code": the fingerprint of the code that trains (set by the pipeline, absent when
+# the library is called directly), so a checkpoint written by other code is set aside, not resumed
+_RESUME_SECTIONS = ("model", "train", "optim", "loss", "cache", "code")
 # params that do not change what a run computes: a checkpoint made with other values of these is still resumed
-_RESUME_SECTIONS = ("model", "train", "optim", "loss", "cache")
 _RESUME_IGNORED = {
     "train.log_every",
     "train.checkpoint_every",
@@ -59,7 +66,8 @@ class RunCheckpoints:
         )
 
     def latest(self) -> Path | None:
-        return latest_checkpoint(self.folder)
+        """The newest intact checkpoint; damaged ones are set aside by rank 0 (the folder's one writer)."""
+        return latest_checkpoint(self.folder, set_aside_damaged=self.dist_info.is_main)
 
     def load(self, path: Path) -> TrainState:
         """Restore the model, optimiser and scaler from `path`; its train state."""

@@ -143,3 +143,27 @@ def test_import_boundary_library_tests_need_no_pipeline() -> None:
                 offenders.append(f"{path.relative_to(REPO)} via tests/{stem}.py")
     assert not offenders, f"library tests that need pipeline/: {offenders}"
     assert project_imports(REPO / "tests" / f"{bridge}.py") <= {"pipeline", "__future__"}
+
+
+def test_dvc_deps_code_fingerprint_makes_train_start_over_after_a_code_change(tmp_path: Path) -> None:
+    """dvc repro re-runs train when its code changes; the run's fingerprint of that code (stored in every checkpoint)
+    changes too, so train starts over instead of resuming the old code's last checkpoint. Unrelated files do not
+    count."""
+    from pipeline.code_deps import code_fingerprint
+    from sam3.training.resume import changed_params
+
+    pkg = tmp_path / "sam3"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from sam3 import b\n")
+    (pkg / "b.py").write_text("X = 1\n")
+    (pkg / "other.py").write_text("Y = 1\n")
+    before = code_fingerprint("sam3.a", tmp_path)
+    (pkg / "other.py").write_text("Y = 2\n")
+    assert code_fingerprint("sam3.a", tmp_path) == before
+    (pkg / "b.py").write_text("X = 2\n")
+    after = code_fingerprint("sam3.a", tmp_path)
+    assert after != before
+    assert changed_params({"code": {"sha256": before}}, {"code": {"sha256": after}}) == [
+        f"code.sha256: {before!r} -> {after!r}"
+    ]

@@ -1,5 +1,6 @@
-"""`python -m pipeline train`: dry run, parameter errors, the run folder, divergence exit, resume after SIGKILL,
-and `launcher.kind: slurm` with the feature cache and a few-shot annotation file.
+"""`python -m pipeline train`: dry run, parameter errors, the run folder, divergence exit, a run folder locked by
+another trainer, resume after SIGKILL, and `launcher.kind: slurm` with the feature cache and a few-shot annotation
+file.
 
 The CLI runs in this process (`pipeline.cli.main`) except the run that is killed, which must be a process of its own,
 and the SLURM job: submitted through submitit exactly as on a cluster, where this machine has no `srun`, so
@@ -26,9 +27,10 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.params import load_params, to_dict
-from sam3.checkpoint import latest_checkpoint, step_checkpoint_name
+from sam3.checkpoint import TrainState, latest_checkpoint, save_checkpoint, step_checkpoint_name
 from sam3.coco import ANNOTATIONS_FILE, load_coco, save_coco
 from sam3.features import write_disabled
+from tests.lock_holder import lock_held_elsewhere
 from tests.training_runs import IMAGE_SIZE, build_small_shapes, read_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,6 +147,32 @@ def test_a_run_that_keeps_diverging_exits_2_with_one_line(shapes, tmp_path, caps
     events = [json.loads(line) for line in (tmp_path / "train_stats.jsonl").read_text().splitlines()]
     assert [(e["event"], e["step"], e["lr_multiplier"]) for e in events if "event" in e] == [("rollback", 1, 0.5)]
     assert not (tmp_path / "model").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder`: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_a_second_trainer_on_a_locked_run_folder_exits_2_naming_the_holder_and_touches_nothing(
+    shapes, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    model = torch.nn.Linear(2, 2)
+    state = TrainState(step=1)
+    save_checkpoint(run_dir / "checkpoints", 1, model, torch.optim.AdamW(model.parameters()), None, None, state, {})
+    (run_dir / "params.yaml").write_text("train: {max_steps: 5}\n")  # the running trainer's params
+    with lock_held_elsewhere(run_dir) as holder:
+        before = _snapshot(run_dir)
+        assert main(_args(run_dir, shapes, "train.max_steps=2")) == 2
+        err = capsys.readouterr().err
+        assert _snapshot(run_dir) == before  # params.yaml, checkpoints and the holder's lock file as they were
+    assert "Traceback" not in err
+    (line,) = _error_lines(err)
+    assert line.startswith(f"error: {run_dir} is in use by another training run (pid {holder.pid} on ")
+    assert ", started 20" in line
 
 
 def _steps_on_disk(folder: Path) -> list[int]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
+from pipeline.cli import main
 from pipeline.negatives import load_val_image
 from pipeline.predict import read_image as predict_read_image
 from pipeline.preprocess import preprocess_dataset
@@ -99,11 +100,37 @@ def test_negatives_mining_reads_it_upright(dataset):
     assert_upright(((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
-def test_validation_compares_the_upright_size(dataset):
+def test_validation_compares_the_upright_size_and_names_the_orientation(dataset):
     path = dataset / "train" / "photo.jpg"
-    assert inspect_image(path, WIDTH, HEIGHT, MAX_PIXELS) is None
+    assert inspect_image(path, WIDTH, HEIGHT, MAX_PIXELS) is None  # stored 40x20, upright 20x40 as the record says
+    # the record has the stored (sideways) size: the reason says the EXIF orientation explains it
     check, reason = inspect_image(path, HEIGHT, WIDTH, MAX_PIXELS)
-    assert check == Check.IMAGE_SIZE_MISMATCH and reason.startswith("is 20x40 but the annotation file says width 40")
+    assert check == Check.IMAGE_SIZE_MISMATCH
+    assert reason == (
+        "is 20x40 but the annotation file says width 40, height 20 (its EXIF Orientation 6 turns the stored 40x20 "
+        "pixels by 90 degrees, as viewers and annotation tools show it; the record has the stored, sideways size: "
+        "the tool that wrote it ignored the orientation, but sizes and boxes must be of the upright picture); fix "
+        "the record or re-export the image"
+    )
+    # neither size: the orientation is still named, as the reason the image is 20x40
+    check, reason = inspect_image(path, 30, 30, MAX_PIXELS)
+    assert reason == (
+        "is 20x40 but the annotation file says width 30, height 30 (its EXIF Orientation 6 turns the stored 40x20 "
+        "pixels by 90 degrees); fix the record or re-export the image"
+    )
+
+
+def test_validation_report_names_the_orientation(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the stage's built-in defaults, not the repository's params.yaml
+    coco = load_coco(split_annotation_path(dataset, "train"))
+    coco["images"][0].update(width=HEIGHT, height=WIDTH)  # the stored size, as a tool that ignores EXIF writes it
+    save_coco(split_annotation_path(dataset, "train"), coco)
+    report_path = tmp_path / "report.json"
+    assert main(["validate", str(dataset), "--out", str(tmp_path / "out"), "--report", str(report_path)]) == 1
+    problem = load_coco(report_path)["problems"][0]
+    assert (problem["check"], problem["file"]) == ("image_size_mismatch", "train/photo.jpg")
+    assert "its EXIF Orientation 6 turns the stored 40x20 pixels by 90 degrees" in problem["message"]
+    assert "the record has the stored, sideways size" in problem["message"]
 
 
 def test_preprocess_checks_the_upright_size_and_writes_upright(dataset, tmp_path):

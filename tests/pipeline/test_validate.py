@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.validation.files import DEFAULT_MAX_PIXELS, inspect_image, unsafe_reason
+from pipeline.validation.files import DEFAULT_MAX_PIXELS, inspect_image
+from pipeline.validation.paths import unsafe_reason
 from pipeline.validation.problems import Check, Problem, Severity, Table
 from pipeline.validation.quarantine import partition_split
 from pipeline.validation.records import (

@@ -1,8 +1,10 @@
 """Checkpoints: round trip of every state, weights_only files, skipping damaged files, rotation, SIGKILL safety."""
 
+import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +188,150 @@ def test_truncated_newest_file_is_skipped_with_a_warning(tmp_path, caplog):
     assert len(warnings) == 1 and "step_00000002.pt" in warnings[0].getMessage()
     with pytest.raises(CheckpointError, match="truncated, corrupt"):
         load_checkpoint(newest, model, optimizer)
+
+
+def _flip_middle(path: Path, count: int = 64) -> bytes:
+    """Overwrite `count` bytes in the middle of the file with 0xFF (a float32 NaN pattern), size kept; the bytes."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def _non_finite(value) -> bool:
+    """Whether a loaded checkpoint holds a non-finite floating-point value anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return any(_non_finite(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(item) for item in value)
+    return False
+
+
+def test_bytes_changed_in_the_middle_load_but_are_caught_and_the_file_set_aside(tmp_path, caplog):
+    model, optimizer = _trained()
+    older = _save(tmp_path, 1, model, optimizer)
+    newest = _save(tmp_path, 2, model, optimizer)
+    size = newest.stat().st_size
+    damaged = _flip_middle(newest)
+    assert newest.stat().st_size == size
+    assert torch.load(newest, weights_only=True)["format"] == "sam3-finetune-checkpoint"  # the danger: no error
+
+    with caplog.at_level(logging.WARNING, logger="sam3.checkpoint"):
+        assert latest_checkpoint(tmp_path) == older  # a plain query skips it and leaves it in place
+        assert newest.read_bytes() == damaged
+        assert latest_checkpoint(tmp_path, set_aside_damaged=True) == older
+    moved = tmp_path / "corrupt" / "step_00000002.pt"
+    assert not newest.exists() and moved.read_bytes() == damaged  # set aside, never deleted
+    assert len(caplog.records) == 2
+    assert all("step_00000002.pt, damaged: Bad CRC-32 for file 'archive/data/" in r.message for r in caplog.records)
+    assert caplog.records[1].message.endswith(f"moved it to {moved}")
+    state, _, _ = load_checkpoint(older, *_trained(seed=1))
+    assert state.step == 1
+
+
+def test_a_truncated_file_is_set_aside_and_a_second_one_of_that_name_is_numbered(tmp_path, caplog):
+    model, optimizer = _trained()
+    older = _save(tmp_path, 1, model, optimizer)
+    for _ in range(2):
+        newest = _save(tmp_path, 2, model, optimizer)
+        newest.write_bytes(newest.read_bytes()[:-100])  # the end, with the zip directory, is missing
+        with caplog.at_level(logging.WARNING, logger="sam3.checkpoint"):
+            assert latest_checkpoint(tmp_path, set_aside_damaged=True) == older
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["step_00000002.1.pt", "step_00000002.pt"]
+    assert "step_00000002.pt, damaged: File is not a zip file" in caplog.text
+
+
+def test_a_checkpoint_written_before_the_integrity_check_is_verified_and_resumed(tmp_path, caplog):
+    # the code before the check wrote this payload with a plain torch.save: torch's zip writer always stored the
+    # records' CRC-32s, so an old file needs no checksum beside it and is verified like a new one
+    model, optimizer = _trained()
+    payload = {
+        "format": "sam3-finetune-checkpoint",
+        "format_version": 1,
+        "train_state": {"step": 5, "epoch": 0, "epoch_step": 5, "best_metric": None, "guard": {}},
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None,
+        "scaler": None,
+        "rng": {
+            "python": [3, list(random.getstate()[1]), None],
+            "numpy": {
+                "bit_generator": "MT19937",
+                "key": torch.zeros(624, dtype=torch.int64),
+                "pos": 624,
+                "has_gauss": 0,
+                "cached_gaussian": 0.0,
+            },
+            "torch": torch.get_rng_state(),
+            "cuda": [],
+        },
+        "params": PARAMS,
+    }
+    old = tmp_path / step_checkpoint_name(5)
+    torch.save(payload, old)
+    with caplog.at_level(logging.WARNING, logger="sam3.checkpoint"):
+        assert latest_checkpoint(tmp_path, set_aside_damaged=True) == old
+    assert caplog.records == []
+    fresh, fresh_optimizer = _trained(seed=1)
+    state, _, params = load_checkpoint(old, fresh, fresh_optimizer)
+    assert state.step == 5 and params == PARAMS
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+
+    _flip_middle(old)  # and an old file damaged later is caught like a new one
+    assert latest_checkpoint(tmp_path, set_aside_damaged=True) is None
+    assert (tmp_path / "corrupt" / old.name).is_file()
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny model trained 2 steps on a small shapes dataset, a checkpoint after each: (dataset, run folder)."""
+    import sam3.trainer as trainer
+    from tests.training_runs import build_small_shapes, make_job
+
+    shapes = build_small_shapes(tmp_path_factory.mktemp("shapes"))
+    run_dir = tmp_path_factory.mktemp("run")
+    trainer.train(make_job(run_dir, shapes, max_steps=2, checkpoint_every=1))
+    return shapes, run_dir
+
+
+@pytest.mark.slow  # two short training runs of the tiny model: about 10 s each on a busy CPU
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_training_resumes_from_the_newest_intact_checkpoint_and_exports_finite_weights(
+    two_step_run, tmp_path, caplog, damage
+):
+    import sam3.trainer as trainer
+    from tests.training_runs import make_job, read_weights
+
+    shapes, source = two_step_run
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    for step in (0, 1, 2):
+        shutil.copy(source / "checkpoints" / step_checkpoint_name(step), ckpt_dir)
+    newest = ckpt_dir / step_checkpoint_name(2)
+    if damage == "flipped":
+        damaged = _flip_middle(newest, count=4096)
+        # what made it dangerous: it loads without a word, NaNs included, and a run resumed from it exported them
+        assert _non_finite(torch.load(newest, weights_only=True))
+    else:
+        damaged = newest.read_bytes()[: newest.stat().st_size // 2]
+        newest.write_bytes(damaged)
+
+    with caplog.at_level(logging.INFO):
+        trainer.train(make_job(tmp_path, shapes, max_steps=3, checkpoint_every=1))
+
+    warning = next(r.message for r in caplog.records if "step_00000002.pt" in r.message)
+    reason = "Bad CRC-32 for file 'archive/data/" if damage == "flipped" else "File is not a zip file"
+    assert f"skipping checkpoint {newest}, damaged: {reason}" in warning
+    assert (ckpt_dir / "corrupt" / "step_00000002.pt").read_bytes() == damaged  # kept, out of the way
+    assert "resumed from " + str(ckpt_dir / step_checkpoint_name(1)) in caplog.text
+    logged = [json.loads(line) for line in (tmp_path / "train_stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [2, 3]  # from step 1: step 2 trained again
+    assert sorted(p.name for p in ckpt_dir.glob("step_*.pt")) == [step_checkpoint_name(s) for s in range(4)]
+    weights = read_weights(tmp_path / "model")
+    assert all(bool(torch.isfinite(value).all()) for value in weights.values() if value.is_floating_point())
 
 
 def test_latest_orders_by_step_number_and_skips_foreign_files(tmp_path, caplog):
