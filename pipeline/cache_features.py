@@ -92,8 +92,6 @@ def run(args: argparse.Namespace) -> int:
             write_disabled(args.out)
         print(f"feature cache off (cache.enabled false in {args.params}): {args.out} holds only its manifest")
         return 0
-    if settings.cache.views < 1:
-        raise ConfigError(f"--views must be >= 1, got {settings.cache.views}")
     if args.batch_size < 1 or args.shard_mb < 1:
         raise ConfigError("--batch-size and --shard-mb must be >= 1")
 

@@ -16,13 +16,15 @@ from typing import Any
 import yaml
 
 from pipeline import stages
+from pipeline.aggregate import METRICS_FILE
 from pipeline.code_deps import REPO_ROOT, code_closure
+from pipeline.evaluate import PER_CATEGORY_PLOT, PR_CURVE_PLOT, PREDICTIONS_FILE, REPORT_FILE
+from pipeline.stage_args import DEFAULT_PARAMS_FILE as PARAMS_FILE
 from pipeline.stages import Layout
+from pipeline.suites import FEWSHOT_SUITES
 from sam3.io import write_text
 
-PARAMS_FILE = "params.yaml"
 SUITES = ("rf100vl", "odinw13")
-FEWSHOT_SUITES = ("odinw13",)  # suites whose seeds train on their own few-shot file
 # The stage module whose import closure is each stage's code, and the params.yaml sections / keys it reads.
 MODULES = {
     "demo_data": "pipeline.demo_data",
@@ -81,49 +83,62 @@ def _uncached(path: str) -> dict[str, Any]:
 
 
 def _plots(results: str) -> list[Any]:
-    axes = {"per_category_ap.json": ("AP", "category"), "pr_curve.json": ("recall", "precision")}
+    axes = {PER_CATEGORY_PLOT: ("AP", "category"), PR_CURVE_PLOT: ("recall", "precision")}
     return [
         {f"{results}/{stages.PLOTS_FOLDER}/{name}": {"cache": False, "x": axes[name][0], "y": axes[name][1]}}
         for name in stages.PLOT_FILES
     ]
 
 
-def dataset_stages(
-    layout: Layout, extra: dict[str, list[str]], suite_params: dict[str, list[str]], sets: dict[str, list[str]]
-) -> list[Stage]:
-    """validate ... evaluate over one layout. `extra`: per stage, arguments after the params (the suites' flags);
-    `suite_params`: per stage, keys of the suite's params file it reads; `sets`: per stage, `--set` items."""
+# The dataset stages' command builders, in pipeline order (READS lists what each reads).
+COMMANDS = {
+    "validate": stages.validate,
+    "preprocess": stages.preprocess,
+    "negatives": stages.negatives,
+    "cache_features": stages.cache_features,
+    "train": stages.train,
+    "evaluate": stages.evaluate,
+}
 
-    def params(name: str, *root: str) -> list[Any]:
-        listed: list[Any] = [*root, *READS[name]]
-        return listed + ([{suite_file: suite_params[name]}] if suite_params.get(name) else [])
 
-    suite_file = suite_params.get("file", [""])[0]
+@dataclass(frozen=True)
+class Variant:
+    """What differs between the root pipeline's dataset stages and a suite's, per stage name."""
+
+    extra: dict[str, list[str]] = field(default_factory=dict)  # arguments after the params (a suite's flags)
+    sets: dict[str, list[str]] = field(default_factory=dict)  # `--set` items
+    root_keys: dict[str, list[str]] = field(default_factory=dict)  # params.yaml keys that name its paths
+    suite_file: str | None = None  # the suite's params file
+    suite_keys: dict[str, list[str]] = field(default_factory=dict)  # keys of suite_file it reads
+    baseline: bool = True  # evaluate compares with evaluate.baseline, writing report.md
+
+
+def dataset_stages(layout: Layout, variant: Variant) -> list[Stage]:
+    """validate ... evaluate over one layout."""
+
+    def params(name: str) -> list[Any]:
+        listed: list[Any] = [*variant.root_keys.get(name, []), *READS[name]]
+        suite_keys = variant.suite_keys.get(name)
+        return listed + ([{variant.suite_file: suite_keys}] if suite_keys else [])
+
     command = {
-        name: getattr(stages, name)(layout, PARAMS_FILE, sets.get(name, []), extra.get(name, [])) for name in READS
+        name: build(layout, PARAMS_FILE, variant.sets.get(name, []), variant.extra.get(name, []))
+        for name, build in COMMANDS.items()
     }
-    root_name = ["dataset.name"] if "${dataset.name}" in layout.clean else []
-    evaluate_outs = [f"{layout.results}/{stages.PREDICTIONS_FILE}"]
-    if not sets.get("evaluate"):  # the baseline's before/after table is written only with a baseline
-        evaluate_outs.append(_uncached(f"{layout.results}/{stages.REPORT_FILE}"))
+    evaluate_outs: list[Any] = [f"{layout.results}/{PREDICTIONS_FILE}"]
+    if variant.baseline:  # the before/after table is written only with a baseline
+        evaluate_outs.append(_uncached(f"{layout.results}/{REPORT_FILE}"))
     return [
         Stage(
             "validate", command["validate"], [layout.raw],
-            [layout.clean, _uncached(f"{layout.reports}/{stages.VALIDATE_REPORT}")],
-            params("validate", *(["dataset.raw"] if "${dataset.raw}" in layout.raw else []), *root_name),
+            [layout.clean, _uncached(f"{layout.reports}/{stages.VALIDATE_REPORT}")], params("validate"),
         ),
-        Stage(
-            "preprocess", command["preprocess"], [layout.clean], [layout.preprocessed],
-            params("preprocess", *root_name),
-        ),
-        Stage(
-            "negatives", command["negatives"], [layout.preprocessed], [layout.negatives],
-            params("negatives", *root_name),
-        ),
+        Stage("preprocess", command["preprocess"], [layout.clean], [layout.preprocessed], params("preprocess")),
+        Stage("negatives", command["negatives"], [layout.preprocessed], [layout.negatives], params("negatives")),
         Stage(
             "cache_features", command["cache_features"], [layout.preprocessed, layout.negatives],
-            [{layout.features: {"persist": True}}] if suite_file else [layout.features],
-            params("cache_features", *root_name),
+            [{layout.features: {"persist": True}}] if variant.suite_file else [layout.features],
+            params("cache_features"),
             comment=CACHE_COMMENT,
         ),
         Stage(
@@ -135,13 +150,13 @@ def dataset_stages(
                 f"{layout.run}/train_stats.jsonl",
                 f"{layout.run}/params.yaml",
             ],
-            params("train", *root_name),
+            params("train"),
             comment="checkpoints persist: an interrupted `dvc repro` resumes from the newest one",
         ),
         Stage(
             "evaluate", command["evaluate"], [layout.model, layout.preprocessed, layout.clean], evaluate_outs,
-            params("evaluate", *root_name),
-            metrics=[_uncached(f"{layout.results}/{stages.METRICS_FILE}")],
+            params("evaluate"),
+            metrics=[_uncached(f"{layout.results}/{METRICS_FILE}")],
             plots=_plots(layout.results),
         ),
     ]  # fmt: skip
@@ -155,8 +170,9 @@ CACHE_COMMENT = (
 
 def root_document() -> tuple[str, dict[str, Stage]]:
     demo = Stage("demo_data", stages.demo_data(), [], ["data/raw/demo"])
-    layout = stages.root_layout()
-    return ROOT_HEADER, {s.name: s for s in [demo, *dataset_stages(layout, {}, {}, {})]}
+    named_by = {name: ["dataset.name"] for name in COMMANDS} | {"validate": ["dataset.raw", "dataset.name"]}
+    found = dataset_stages(stages.root_layout(), Variant(root_keys=named_by))
+    return ROOT_HEADER, {s.name: s for s in [demo, *found]}
 
 
 def suite_document(suite: str) -> tuple[str, dict[str, Stage]]:
@@ -176,15 +192,20 @@ def suite_document(suite: str) -> tuple[str, dict[str, Stage]]:
         "train": [flags["train"], *(["--set", "train.seed=${item.seed}"] if fewshot else [])],
     }
     suite_file = f"suites/{suite}/{PARAMS_FILE}"
-    suite_params = {
-        "file": [suite_file],
-        "validate": [f"{suite}.root", f"{suite}.validate_flags"],
-        "cache_features": [f"{suite}.train_flags"],
-        "train": [f"{suite}.train_flags"],
-    }
+    variant = Variant(
+        extra=extra,
+        sets={"evaluate": [stages.NO_BASELINE]},
+        suite_file=suite_file,
+        suite_keys={
+            "validate": [f"{suite}.root", f"{suite}.validate_flags"],
+            "cache_features": [f"{suite}.train_flags"],
+            "train": [f"{suite}.train_flags"],
+        },
+        baseline=False,
+    )
     per_dataset = {"dataset": f"${{{suite}.datasets}}"}
     per_run = {**per_dataset, "seed": f"${{{suite}.validate_flags.fewshot-seeds}}"} if fewshot else per_dataset
-    found = dataset_stages(layout, extra, suite_params, {"evaluate": [stages.NO_BASELINE]})
+    found = dataset_stages(layout, variant)
     for stage in found:
         stage.matrix = per_run if stage.name in ("cache_features", "train", "evaluate") else per_dataset
     aggregate = Stage(

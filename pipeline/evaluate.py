@@ -44,7 +44,6 @@ from sam3.coco import split_annotation_path
 from sam3.coco_split import CocoSplit
 from sam3.errors import DataError
 from sam3.evaluation.ground_truth import (
-    scale_to_original,  # noqa: F401  (tests use evaluate.scale_to_original)
     score_predictions,
     split_ground_truth,
 )
@@ -98,7 +97,7 @@ SHORTHANDS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sam3.inference import DEVICE_CHOICES
+    from sam3.config import DEVICE_CHOICES
 
     parser.add_argument("--model", required=True, help="'tiny', 'full' or a model folder (transformers format)")
     parser.add_argument("--dataset", required=True, type=Path, help="dataset folder (Roboflow COCO layout)")

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.aggregate import METRICS_FILE
+from pipeline.evaluate import PER_CATEGORY_PLOT, PR_CURVE_PLOT, PREDICTIONS_FILE
+
 PIPELINE = ("python", "-m", "pipeline")  # the Prefect flow swaps "python" for its own interpreter
 MODEL_FOLDER = "model"  # sam3.trainer.train exports the fine-tuned model to <run dir>/model
 VALIDATE_REPORT = "validate.json"
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.json"
-REPORT_FILE = "report.md"  # evaluate's before/after table, beside metrics.json
 PLOTS_FOLDER = "plots"
-PLOT_FILES = ("per_category_ap.json", "pr_curve.json")  # evaluate's plot data, in PLOTS_FOLDER
+PLOT_FILES = (PER_CATEGORY_PLOT, PR_CURVE_PLOT)  # evaluate's plot data, in PLOTS_FOLDER
 NO_BASELINE = "evaluate.baseline=null"  # the `--set` that skips the baseline evaluation
 
 

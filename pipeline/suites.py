@@ -37,6 +37,7 @@ ODINW13_DATASETS: tuple[str, ...] = (
 )
 ODINW13_SEEDS: tuple[int, ...] = (3, 30, 300)
 ODINW13_SHOTS = 10  # instances per category of the few-shot training files (the "10-shot" of ODinW13 10-shot)
+FEWSHOT_SUITES = {"odinw13": ODINW13_SHOTS}  # suites whose seeds train on their own k-shot file: k
 
 
 def read_domains_file(path: str | Path) -> dict[str, str]:

@@ -141,7 +141,9 @@ def check_feature_caches(datasets: list[str], caches: list[str], args: argparse.
 def cache_command(dataset: str, folder: str, args: argparse.Namespace) -> str:
     """The cache-features command that builds `folder` for this run (same params file, overrides and files)."""
     parts = ["python", "-m", "pipeline", "cache-features", dataset, "--out", folder]
-    parts += ["--params", params_file_of(args) or "params.yaml"]
+    params_file = params_file_of(args)
+    if params_file:  # else the built-in defaults, which cache-features reads too
+        parts += ["--params", params_file]
     if args.overrides:
         parts += ["--set", *args.overrides]
     if args.negatives:

@@ -42,7 +42,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from sam3.coco import encode_mask
-from sam3.config import DEFAULT_MAX_DETS, DEFAULT_PROMPT_CHUNK, DEVICE_CHOICES  # noqa: F401  (torch-free; also here)
+from sam3.config import DEFAULT_MAX_DETS, DEFAULT_PROMPT_CHUNK
 from sam3.data.dataset import CocoPromptDataset
 from sam3.data.transforms import val_transform
 from sam3.engine import autocast

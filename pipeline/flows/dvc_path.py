@@ -16,9 +16,8 @@ from prefect import get_run_logger
 from pipeline.flows import tasks
 from pipeline.flows.commands import OUTPUT_TAIL_LINES, StageFailed, stage_environment
 from pipeline.flows.report import MetricRow, read_metric_value
+from pipeline.stage_args import DEFAULT_PARAMS_FILE as PARAMS_FILE  # what dvc.yaml reads
 from pipeline.stages import MODEL_FOLDER
-
-PARAMS_FILE = "params.yaml"  # what dvc.yaml reads
 
 
 def dvc_command(*args: str) -> list[str]:

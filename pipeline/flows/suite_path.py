@@ -23,7 +23,7 @@ from prefect import get_run_logger, task
 from prefect.futures import wait
 
 from pipeline import stages
-from pipeline.aggregate import DEFAULT_METRIC, METRICS_FILE  # noqa: F401  (DEFAULT_METRIC: the flow's default)
+from pipeline.aggregate import METRICS_FILE
 from pipeline.fewshot import fewshot_file_name
 from pipeline.flows import tasks
 from pipeline.flows.commands import with_interpreter
@@ -31,7 +31,7 @@ from pipeline.flows.dvc_path import PathResult
 from pipeline.flows.report import MetricRow, metrics_markdown, read_metric_value
 from pipeline.stages import Layout
 from pipeline.suite_params import SAFE_NAME
-from pipeline.suites import ODINW13_SHOTS
+from pipeline.suites import FEWSHOT_SUITES
 from sam3.coco import SPLITS, present_splits, split_annotation_path
 from sam3.errors import ConfigError, DataError
 from sam3.io import write_json, write_text
@@ -39,7 +39,6 @@ from sam3.io import write_json, write_text
 if TYPE_CHECKING:
     from prefect.futures import PrefectFuture
 
-FEWSHOT_SUITES = {"odinw13": ODINW13_SHOTS}  # suites that train each seed on its k-shot file: k
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"  # a suite run's table, in reports/<suite>/
 SUITE_REPORTS = Path("reports")
 

@@ -17,6 +17,7 @@ from pipeline.preprocess import preprocess_dataset
 from pipeline.shapes_data import CATEGORY_NAMES, build_shapes_dataset
 from sam3.coco import annotation_mask, encode_mask, load_coco, split_annotation_path
 from sam3.errors import DataError, ModelLoadError, Sam3Error
+from sam3.evaluation.ground_truth import scale_to_original
 from sam3.inference import boxes_to_original_xyxy, masks_to_original
 from sam3.model import load_model
 from tests.sam3.tiny_coco import Ann, Img, write_split
@@ -221,7 +222,7 @@ def test_scale_to_original_leaves_unresized_images_alone():
         ],
         "categories": [{"id": 1, "name": "cat"}],
     }
-    out = evaluate.scale_to_original(coco)
+    out = scale_to_original(coco)
     # image 1: sx = 100 / 50 = 2, sy = 120 / 40 = 3 -> bbox [20, 30, 40, 15], area 40 * 15 = 600
     assert out["images"][0] == {"id": 1, "width": 100, "height": 120}
     assert out["annotations"][0]["bbox"] == [20.0, 30.0, 40.0, 15.0] and out["annotations"][0]["area"] == 600.0
