@@ -29,6 +29,15 @@ Decisions a user should know:
   quarantined with its annotations and left out of the clean categories. Categories are never merged.
 - A category without any valid annotation is a warning and stays (it still serves as a negative prompt);
   an image without annotations is legal and not reported.
+- Two image records naming one file (`duplicate_file_name`): the first keeps the file, the later one is quarantined
+  with its annotations. Polygons without area (`degenerate_polygon`) and boxes that disagree with their polygons
+  (`box_polygon_mismatch`, IoU of the box and the polygons' bounds < 0.5) quarantine the annotation.
+- Across records and splits, on the clean records (validation.across), warnings only: an image with more than 200
+  instances of a category (`crowded_prompt`: training drops that prompt there), a category id named otherwise
+  than in an earlier split (`category_name_mismatch`), an image file whose bytes are an earlier split's image
+  (`shared_image_file`: leakage, counted per pair of splits in the log).
+- Memory: annotations are kept as their JSON text and decoded one at a time (validation.packed), so a 100 MB
+  annotation file validates in about 4x its size (bench/validate_memory.py) instead of 22x.
 - Records keep unknown keys; the clean copy holds them exactly as read.
 - Image files are read only inside the dataset folder (validation.paths): a symbolic link that leads outside it, or
   nowhere, quarantines its record (link_outside_dataset, broken_link) and its target is never read or copied; a
@@ -46,8 +55,10 @@ from typing import Any
 from pipeline.fewshot import FEWSHOT_SPLIT, fewshot_file_name, fewshot_files, make_fewshot, shortfall
 from pipeline.stage_args import Shorthand, add_params_arguments, stage_params
 from pipeline.suites import ODINW13_SHOTS
+from pipeline.validation.across import across_splits
 from pipeline.validation.files import DEFAULT_MAX_PIXELS, check_image_files
 from pipeline.validation.output import QUARANTINE_DIR, prepare_out_dir, write_outcome
+from pipeline.validation.packed import as_list
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.quarantine import SplitOutcome, partition_split
 from pipeline.validation.records import (
@@ -164,7 +175,7 @@ def not_in_train(fewshot: SplitRecords, train: SplitOutcome) -> list[Problem]:
 
 def _clean_data(outcome: SplitOutcome) -> dict[str, Any]:
     """The clean COCO data of one annotation file: its top-level object with the valid records."""
-    return {**outcome.records.data, **{str(table): outcome.valid[table] for table in Table}}
+    return {**outcome.records.data, **{str(table): as_list(outcome.valid[table]) for table in Table}}
 
 
 def complete_fewshot(
@@ -259,8 +270,9 @@ def validate_dataset(
         found = _check_split(runner, dataset_dir, split, max_pixels)
         outcomes.append(partition_split(split, found))
         problems += found
-    # few-shot files are subsets of the train split: they do not count towards category usage
+    # few-shot files are subsets of the train split: they do not count towards category usage, nor leak
     problems += runner.check(category_usage_table(_category_usage(outcomes)), usage_rules())
+    problems += across_splits(outcomes, dataset_dir)
     train = next((outcome for outcome in outcomes if outcome.split == FEWSHOT_SPLIT), None)
     fewshot_outcomes = []
     for records in fewshot:

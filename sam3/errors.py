@@ -20,3 +20,7 @@ class ModelLoadError(Sam3Error):
 
 class ConfigError(Sam3Error):
     """A parameter is unknown, misspelled or out of range."""
+
+
+class ExportError(Sam3Error):
+    """A trained model cannot be exported: its weights are unusable (NaN or infinite)."""

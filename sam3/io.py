@@ -3,6 +3,7 @@ the old file or the new one, never half of one.
 
     write_text(path, text)   text -> <path>.tmp in the same folder -> os.replace(<path>.tmp, path)
     write_json(path, data)   json.dumps(data, sort_keys=True, indent=2) + "\\n" through write_text
+    replace_folder(new, target)   a folder written beside `target` takes its place (old one renamed, then deleted)
 
 The temporary file sits in the target's folder because `os.replace` is atomic only within one file system. Parent
 folders are created. JSON is deterministic (sorted keys, fixed indent, newline at the end), so two runs on the same
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +37,22 @@ def write_json(path: str | Path, data: Any, indent: int = JSON_INDENT, allow_nan
     most readers other than Python's reject them.
     """
     write_text(path, json.dumps(data, sort_keys=True, indent=indent, allow_nan=allow_nan) + "\n")
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder `new` (a sibling of `target`) in place of `target`.
+
+    A folder cannot be renamed over a non-empty one, so an existing `target` is first renamed to `<target>.old`,
+    `new` renamed to `target`, and the old one deleted: a reader sees the old folder or the new one, whole, and a crash
+    between the two renames leaves `<target>.old` (the previous folder, intact) and `new`, never a half-written
+    `target`.
+    """
+    new, target = Path(new), Path(target)
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    if old.exists():
+        shutil.rmtree(old)

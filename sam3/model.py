@@ -22,8 +22,10 @@ The last layer equals what `Sam3Model.forward` returns (its boxes are xyxy; ours
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,8 @@ from transformers.models.sam3.configuration_sam3 import (
 from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
 
 from sam3.batch import PromptBatch
-from sam3.errors import ConfigError, ModelLoadError
+from sam3.errors import ConfigError, ExportError, ModelLoadError
+from sam3.io import replace_folder
 from sam3.scratch import apply_scratch_priors
 from sam3.tokenizer import CONTEXT_LENGTH, END_ID, PAD_ID, START_ID
 
@@ -380,8 +383,31 @@ class Sam3Detector(nn.Module):
         return self.decode(images, prompts, batch.query_image, batch.query_prompt, with_masks=with_masks)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write config.json + model.safetensors (transformers format); `load_model(folder)` reads it back."""
-        self.model.save_pretrained(folder)
+        """Write config.json + model.safetensors (transformers format); `load_model(folder)` reads it back.
+
+        Refused (ExportError, nothing written) when a weight holds NaN or infinity: such a model detects nothing,
+        and a user must not deploy it. Written atomically: into `<folder>.partial` beside it, then swapped in
+        (`sam3.io.replace_folder`), so `folder` is the previous export or the new one, never half of one.
+        """
+        folder = Path(folder)
+        bad = non_finite_tensors(self.model)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise ExportError(
+                f"{folder}: not exported: {len(bad)} weight tensor(s) hold NaN or infinite values ({shown}); "
+                "training diverged: resume from an earlier checkpoint with a lower learning rate"
+            )
+        partial = folder.with_name(folder.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)  # a crashed earlier export
+        self.model.save_pretrained(partial)
+        replace_folder(partial, folder)
+
+
+def non_finite_tensors(module: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of `module` holding any NaN or infinity."""
+    tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def parameters_without_text_gradients(model: Sam3Detector | Sam3Model, with_masks: bool = True) -> tuple[str, ...]:

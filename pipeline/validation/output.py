@@ -1,7 +1,8 @@
 """Write the clean dataset and the quarantine.
 
     CLEAN_DIR/<split>/_annotations.coco.json              the input's top-level object (info, licenses, ... kept) with
-                                                          the valid images, annotations and categories (save_coco)
+                                                          the valid images, annotations and categories (written as
+                                                          save_coco writes, record by record: packed.write_packed)
     CLEAN_DIR/train/fewshot_train_shot<k>_seed<s>.json    the same for each few-shot file of the train split
     CLEAN_DIR/<split>/<file_name>                         valid images, hard-linked (copied across filesystems)
     CLEAN_DIR/_quarantine/<split>/_annotations.coco.json  the quarantined records, each with `_problems` (a few-shot
@@ -22,13 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.validation.packed import write_packed
 from pipeline.validation.paths import locate
 from pipeline.validation.problems import Table
 from pipeline.validation.quarantine import SplitOutcome
-from sam3.coco import save_coco
 from sam3.errors import ConfigError
 
 QUARANTINE_DIR = "_quarantine"
@@ -69,7 +71,7 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _copy_images(images: list[Any], dataset_dir: Path, folder: str, target_dir: Path) -> int:
+def _copy_images(images: Sequence[Any], dataset_dir: Path, folder: str, target_dir: Path) -> int:
     """Place the files of `images` (those whose file_name `paths.locate` finds as a file inside the dataset) under
     `target_dir`, each under its record's file_name; returns how many."""
     placed = 0
@@ -85,7 +87,7 @@ def _copy_images(images: list[Any], dataset_dir: Path, folder: str, target_dir: 
     return placed
 
 
-def _with_records(data: dict[str, Any], records: dict[Table, list[Any]]) -> dict[str, Any]:
+def _with_records(data: dict[str, Any], records: dict[Table, Sequence[Any]]) -> dict[str, Any]:
     return {**data, **{str(table): records[table] for table in Table}}
 
 
@@ -93,7 +95,7 @@ def write_outcome(outcome: SplitOutcome, dataset_dir: Path, out_dir: Path) -> No
     """Write one annotation file's clean copy and images, and its quarantine when it has one, under the same
     split folder and file name (a few-shot file of train/ goes to CLEAN_DIR/train/ and _quarantine/train/)."""
     folder, name = outcome.records.folder, outcome.records.name
-    save_coco(out_dir / folder / name, _with_records(outcome.records.data, outcome.valid))
+    write_packed(out_dir / folder / name, _with_records(outcome.records.data, outcome.valid))
     _copy_images(outcome.valid[Table.IMAGES], dataset_dir, folder, out_dir / folder)
     if not any(outcome.quarantined.values()):
         return
@@ -102,6 +104,6 @@ def write_outcome(outcome: SplitOutcome, dataset_dir: Path, out_dir: Path) -> No
     data = _with_records(outcome.records.data, outcome.quarantined)
     # allow_nan: quarantined records may hold the NaN/Infinity they were rejected for; they are written back as
     # found (Python's json, and so load_coco, reads them)
-    save_coco(quarantine_dir / name, data, allow_nan=True)
+    write_packed(quarantine_dir / name, data, allow_nan=True)
     placed = _copy_images(outcome.quarantined[Table.IMAGES], dataset_dir, folder, quarantine_dir)
     log.debug("%s: %d quarantined image files placed in %s", outcome.split, placed, quarantine_dir)

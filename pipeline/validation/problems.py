@@ -46,7 +46,15 @@ class Check(StrEnum):
     BAD_POLYGON = "bad_polygon"  # polygon with an odd number of coordinates or fewer than 6
     BAD_RLE = "bad_rle"  # RLE that does not decode
     RLE_SIZE_MISMATCH = "rle_size_mismatch"  # RLE size differs from its image's height and width
+    DUPLICATE_FILE_NAME = "duplicate_file_name"  # a later image record names a file an earlier one names
+    DEGENERATE_POLYGON = "degenerate_polygon"  # the polygons have no area (equal or collinear points)
+    DEGENERATE_POLYGON_PART = "degenerate_polygon_part"  # warning: some polygons of a mask with area have none
+    BOX_POLYGON_MISMATCH = "box_polygon_mismatch"  # bbox and the polygons' bounds overlap by IoU < the threshold
     EMPTY_CATEGORY = "empty_category"  # warning: no valid annotation in any split
+    # across records and splits, on the clean records (across.py): warnings
+    CROWDED_PROMPT = "crowded_prompt"  # an image holds more instances of a category than a prompt can take
+    CATEGORY_NAME_MISMATCH = "category_name_mismatch"  # one category id, another name than in an earlier split
+    SHARED_IMAGE_FILE = "shared_image_file"  # an image file's bytes are also an earlier split's image (leakage)
     # image file checks (paths.py, files.py)
     UNSAFE_FILE_NAME = "unsafe_file_name"  # absolute path or `..`: escapes the split folder
     LINK_OUTSIDE_DATASET = "link_outside_dataset"  # a symbolic link leads outside the dataset; its target never read

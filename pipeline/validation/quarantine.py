@@ -9,14 +9,18 @@
 - Every quarantined record carries `_problems`, the reasons (check, severity, message) in report order; an item
   that is not a JSON object is kept as `{"_record": item, "_problems": [...]}`.
 Nothing is dropped: for each table, valid + quarantined == input, checked before anything is written.
+Packed annotations (`packed.PackedRecords`) stay packed: the valid ones are a subset sharing the texts, and only
+the quarantined ones are decoded (to carry their `_problems`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.validation.packed import PackedRecords
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.records import SplitRecords, is_int
 
@@ -26,7 +30,7 @@ class SplitOutcome:
     """One split sorted into records to keep and records to quarantine (those with `_problems` attached)."""
 
     records: SplitRecords
-    valid: dict[Table, list[Any]]
+    valid: dict[Table, Sequence[Any]]  # annotations: a PackedRecords subset when they were read packed
     quarantined: dict[Table, list[Any]]
     consequences: list[Problem]  # image_quarantined / category_quarantined: on the records, not in the report
 
@@ -35,7 +39,7 @@ class SplitOutcome:
         return self.records.split
 
 
-def _owners(records: list[Any]) -> dict[int, int]:
+def _owners(records: Sequence[Any]) -> dict[int, int]:
     """`{id: position}` of the first JSON object with each integer id: the record that owns the id."""
     owners: dict[int, int] = {}
     for index, record in enumerate(records):
@@ -82,26 +86,29 @@ def partition_split(split: SplitRecords, problems: list[Problem]) -> SplitOutcom
         (Table.IMAGES, "image_id", Check.IMAGE_QUARANTINED),
         (Table.CATEGORIES, "category_id", Check.CATEGORY_QUARANTINED),
     )
-    for table, key, check in owner_tables:
-        owners = _owners(split.records(table))
-        for index, annotation in enumerate(split.records(Table.ANNOTATIONS)):
-            if not isinstance(annotation, dict) or not is_int(annotation.get(key)):
+    owners = {table: _owners(split.records(table)) for table, _, _ in owner_tables}
+    for index, annotation in enumerate(split.records(Table.ANNOTATIONS)):  # one pass: packed ones decode once
+        if not isinstance(annotation, dict):
+            continue
+        for table, key, check in owner_tables:
+            if not is_int(annotation.get(key)):
                 continue
-            owner = owners.get(annotation[key])
+            owner = owners[table].get(annotation[key])
             if owner is not None and (table, owner) in errors:
                 causes = errors[(table, owner)]
                 consequences.append(_consequence(check, split, index, annotation, table, owner, causes))
+    consequences.sort(key=lambda p: str(p.check) != str(Check.IMAGE_QUARANTINED))  # images' first, as listed
     for problem in consequences:
         errors[(problem.table, problem.index)].append(problem)
 
-    valid: dict[Table, list[Any]] = {}
+    valid: dict[Table, Sequence[Any]] = {}
     quarantined: dict[Table, list[Any]] = {}
     for table in Table:
         records = split.records(table)
-        valid[table] = [r for i, r in enumerate(records) if (table, i) not in errors]
-        quarantined[table] = [
-            _quarantined(r, errors[(table, i)]) for i, r in enumerate(records) if (table, i) in errors
-        ]
+        keep = [i for i in range(len(records)) if (table, i) not in errors]
+        valid[table] = records.subset(keep) if isinstance(records, PackedRecords) else [records[i] for i in keep]
+        gone = sorted(index for t, index in errors if t == table)
+        quarantined[table] = [_quarantined(records[i], errors[(table, i)]) for i in gone]
         if len(valid[table]) + len(quarantined[table]) != len(records):
             raise RuntimeError(
                 f"bug: {split.file} {table}: {len(valid[table])} valid + {len(quarantined[table])} quarantined "

@@ -5,23 +5,33 @@ record becomes one row (indexed by its position in the JSON list) of:
 - the raw value of each key the rules look at (object column, None when absent), for messages and ids;
 - `<key>_type`: `describe(value)` ("int", "str", "list of 4 numbers", ...), None when the key is absent;
 - `<key>_int`: the value when it is a JSON integer, else NaN (float column), for numeric and uniqueness rules;
-- derived facts: box sides and overhang, polygon lengths, RLE decode error and size, non-finite count.
+- derived facts: box sides and overhang, polygon lengths, areas and bounds, RLE decode error and size, non-finite
+  count.
 Records that are not JSON objects cannot become rows; they are reported here as `wrong_type`.
+
+Memory: the annotations come packed (`packed.read_packed`) and are decoded one at a time while their row is made;
+no table holds a polygon or an RLE (a raw column keeps a value only when it is a scalar or a flat list of at most
+`RAW_LIST_MAX` numbers, such as a bbox: enough for every message).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import posixpath
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from pipeline.validation.packed import PackedRecords, read_packed
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.rle import rle_error, rle_size
-from sam3.coco import ANNOTATIONS_FILE, load_coco
+from sam3.coco import ANNOTATIONS_FILE
 from sam3.errors import DataError
 
 # `describe` results the rules accept
@@ -32,6 +42,7 @@ OBJECT_KIND = "object"
 EMPTY_LIST_KIND = "empty list"
 BBOX_KIND = "list of 4 numbers"
 POLYGONS_KIND = "list of number lists"
+RAW_LIST_MAX = 8  # longest list a raw column keeps (a bbox has 4 numbers; polygons are never kept)
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,8 @@ class SplitRecords:
         """The annotation file's name inside its split folder."""
         return PurePosixPath(self.file).name
 
-    def records(self, table: Table) -> list[Any]:
+    def records(self, table: Table) -> Sequence[Any]:
+        """The table's records: a list, or for annotations a `PackedRecords` (decoded one by one on access)."""
         return self.data[str(table)]
 
 
@@ -87,10 +99,10 @@ def load_split(dataset_dir: Path, split: str, name: str = ANNOTATIONS_FILE) -> S
             f"{path}: a link to {real}, outside the dataset folder; not read. Copy the file (or the split folder) "
             "into the dataset"
         )
-    data = load_coco(path)
+    data = read_packed(path)
     for table in Table:
         value = data.get(str(table))
-        if not isinstance(value, list):
+        if not isinstance(value, list | PackedRecords):
             found = "nothing" if value is None else describe(value)
             raise DataError(
                 f"{path}: top-level '{table}' must be a list, found {found}; a COCO file needs 'images', "
@@ -147,13 +159,12 @@ def count_non_finite(value: Any) -> int:
     return 0
 
 
-def object_records(split: SplitRecords, table: Table) -> tuple[list[int], list[dict[str, Any]], list[Problem]]:
-    """Positions and records of the JSON objects in `table`, and a `wrong_type` problem for each other item."""
-    positions, objects, problems = [], [], []
+def object_records(split: SplitRecords, table: Table, problems: list[Problem]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(position, record) of each JSON object in `table`, one at a time; a `wrong_type` problem is appended to
+    `problems` for each other item."""
     for index, record in enumerate(split.records(table)):
         if isinstance(record, dict):
-            positions.append(index)
-            objects.append(record)
+            yield index, record
         else:
             problems.append(
                 Problem(
@@ -166,7 +177,6 @@ def object_records(split: SplitRecords, table: Table) -> tuple[list[int], list[d
                     file=split.file,
                 )
             )
-    return positions, objects, problems
 
 
 def _int_or_nan(value: Any) -> float:
@@ -175,44 +185,99 @@ def _int_or_nan(value: Any) -> float:
 
 
 _NUMERIC_FACTS = frozenset(
-    {"non_finite", "box_min_side", "box_overhang", "polygon_min_coords", "polygon_odd_count", "annotations"}
+    {
+        "non_finite",
+        "box_min_side",
+        "box_overhang",
+        "polygon_min_coords",
+        "polygon_odd_count",
+        "polygon_area",
+        "polygon_flat_parts",
+        "box_polygon_iou",
+        "annotations",
+    }
 )
 
 
-def _frame(positions: list[int], columns: dict[str, list[Any]]) -> pd.DataFrame:
+def _numeric(name: str) -> bool:
+    return name.endswith("_int") or name in _NUMERIC_FACTS
+
+
+def _frame(positions: Sequence[int], columns: dict[str, Any]) -> pd.DataFrame:
     """A frame with explicit dtypes: raw and text columns stay Python objects (pandas would turn [1, None] into
-    floats and strings into its own string dtype), numeric facts are float64 with NaN for 'not applicable'."""
-    index = pd.Index(positions, dtype="int64")
+    floats and strings into its own string dtype), numeric facts are float64 with NaN for 'not applicable'
+    (given as lists, or as array('d') columns, which are taken without a Python float per cell)."""
+    index = pd.Index(np.asarray(positions, dtype=np.int64))
     series = {}
     for name, values in columns.items():
-        numeric = name.endswith("_int") or name in _NUMERIC_FACTS
-        series[name] = pd.Series(values, index=index, dtype="float64" if numeric else object)
+        if isinstance(values, array):
+            series[name] = pd.Series(np.asarray(values, dtype=np.float64), index=index)
+        else:
+            series[name] = pd.Series(values, index=index, dtype="float64" if _numeric(name) else object)
     return pd.DataFrame(series, index=index)
 
 
-def _key_columns(records: list[dict[str, Any]], keys: tuple[str, ...], int_keys: tuple[str, ...]) -> dict[str, list]:
-    columns: dict[str, list[Any]] = {}
+def _raw(value: Any) -> Any:
+    """What a raw column keeps of a value: scalars and short flat lists (a bbox), else None (see the docstring)."""
+    if isinstance(value, dict):
+        return None
+    if isinstance(value, list):
+        short = len(value) <= RAW_LIST_MAX and not any(isinstance(item, list | dict) for item in value)
+        return value if short else None
+    return value
+
+
+_SHARED: dict[str, str] = {}  # one object per distinct short text (kinds, "h, w"): a million rows, a few strings
+
+
+def _shared(text: str | None) -> str | None:
+    return None if text is None else _SHARED.setdefault(text, text)
+
+
+def _add_keys(
+    columns: dict[str, list[Any]], record: dict[str, Any], keys: tuple[str, ...], int_keys: tuple[str, ...]
+) -> None:
+    """Append one record's raw, _type, _int and non_finite cells to `columns`."""
     for key in keys:
-        columns[key] = [record.get(key) for record in records]
-        columns[f"{key}_type"] = [describe(record[key]) if key in record else None for record in records]
+        columns[key].append(_raw(record.get(key)))
+        columns[f"{key}_type"].append(_shared(describe(record[key])) if key in record else None)
     for key in int_keys:
-        columns[f"{key}_int"] = [_int_or_nan(record.get(key)) for record in records]
-    columns["non_finite"] = [count_non_finite(record) for record in records]
-    return columns
+        columns[f"{key}_int"].append(_int_or_nan(record.get(key)))
+    columns["non_finite"].append(count_non_finite(record))
+
+
+def _empty_columns(keys: tuple[str, ...], int_keys: tuple[str, ...], facts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The columns of a table in their order, empty (so that a table without rows still has them all): numeric
+    ones as array('d') (8 bytes a cell while the table is built), the others as lists."""
+    names = [name for key in keys for name in (key, f"{key}_type")] + [f"{key}_int" for key in int_keys]
+    return {name: array("d") if _numeric(name) else [] for name in [*names, "non_finite", *facts]}
+
+
+def file_key(file_name: Any) -> str | None:
+    """The file an image record names, for comparing records: its file_name normalised ("./a/../b.jpg" and
+    "b.jpg" are one file); None when file_name is not a string."""
+    return posixpath.normpath(file_name) if isinstance(file_name, str) and file_name else None
 
 
 def image_table(split: SplitRecords) -> tuple[RecordTable, list[Problem]]:
-    """Columns: id, file_name, width, height (raw and _type), id_int, width_int, height_int, non_finite."""
-    positions, images, problems = object_records(split, Table.IMAGES)
-    columns = _key_columns(images, ("id", "file_name", "width", "height"), ("id", "width", "height"))
+    """Columns: id, file_name, width, height (raw and _type), id_int, width_int, height_int, non_finite, file_key."""
+    keys, int_keys = ("id", "file_name", "width", "height"), ("id", "width", "height")
+    columns, positions, problems = _empty_columns(keys, int_keys, ("file_key",)), [], []
+    for index, image in object_records(split, Table.IMAGES, problems):
+        positions.append(index)
+        _add_keys(columns, image, keys, int_keys)
+        columns["file_key"].append(file_key(image.get("file_name")))
     return RecordTable(Table.IMAGES, split.split, split.file, _frame(positions, columns)), problems
 
 
 def category_table(split: SplitRecords) -> tuple[RecordTable, list[Problem]]:
     """Columns: id, name (raw and _type), id_int, non_finite, name_key (the name stripped, as prompts compare)."""
-    positions, categories, problems = object_records(split, Table.CATEGORIES)
-    columns = _key_columns(categories, ("id", "name"), ("id",))
-    columns["name_key"] = [c["name"].strip() if isinstance(c.get("name"), str) else None for c in categories]
+    columns, positions, problems = _empty_columns(("id", "name"), ("id",), ("name_key",)), [], []
+    for index, category in object_records(split, Table.CATEGORIES, problems):
+        positions.append(index)
+        _add_keys(columns, category, ("id", "name"), ("id",))
+        name = category.get("name")
+        columns["name_key"].append(name.strip() if isinstance(name, str) else None)
     return RecordTable(Table.CATEGORIES, split.split, split.file, _frame(positions, columns)), problems
 
 
@@ -244,42 +309,100 @@ def _box_facts(bbox: Any, size: tuple[int, int] | None) -> tuple[float, float]:
     return min_side, max(-x, -y, x + w - width, y + h - height)
 
 
+FLAT_AREA_PX = 1e-6  # a polygon with less area (in square pixels) has none: its points are equal or on one line
+
+
+def _shoelace(polygon: list[float]) -> float:
+    """|area| of one closed polygon [x1, y1, x2, y2, ...] in square pixels: |sum x_i y_(i+1) - x_(i+1) y_i| / 2."""
+    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _iou_xywh(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two [x, y, w, h] boxes with positive sides."""
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(width, 0.0) * max(height, 0.0)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _polygon_facts(polygons: list[list[float]], bbox: Any) -> tuple[float, float, float]:
+    """(area, flat parts, box IoU) of a polygon segmentation, NaN where not applicable.
+
+    area: the parts' summed area (square pixels); flat parts: how many parts have no area (< FLAT_AREA_PX), counted
+    only when the whole has some (a whole without area is reported by its area); box IoU: IoU of the bbox with the
+    bounds of all the points, when the bbox is 4 finite numbers with sides > 0 and the whole has area. NaN for a
+    segmentation that other rules reject (too few or an odd number of coordinates, non-finite numbers) or none.
+    """
+    if not polygons or any(len(p) < 6 or len(p) % 2 or count_non_finite(p) for p in polygons):
+        return math.nan, math.nan, math.nan
+    areas = [_shoelace(p) for p in polygons]
+    area = sum(areas)
+    if area < FLAT_AREA_PX:
+        return area, math.nan, math.nan
+    flat = float(sum(a < FLAT_AREA_PX for a in areas))
+    if describe(bbox) != BBOX_KIND or count_non_finite(bbox) or min(bbox[2], bbox[3]) <= 0:
+        return area, flat, math.nan
+    xs = [x for p in polygons for x in p[0::2]]
+    ys = [y for p in polygons for y in p[1::2]]
+    bounds = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
+    if bounds[2] <= 0 or bounds[3] <= 0:
+        return area, flat, 0.0
+    return area, flat, _iou_xywh([float(v) for v in bbox], bounds)
+
+
+_ANNOTATION_FACTS = (
+    "box_min_side",
+    "box_overhang",
+    "image_hw",
+    "polygon_min_coords",
+    "polygon_odd_count",
+    "polygon_area",
+    "polygon_flat_parts",
+    "box_polygon_iou",
+    "rle_error",
+    "rle_hw",
+)
+
+
 def annotation_table(split: SplitRecords) -> tuple[RecordTable, list[Problem]]:
     """Columns: id, image_id, category_id, bbox, area, segmentation (raw and _type); id_int, image_id_int,
     category_id_int; non_finite; box_min_side, box_overhang; image_hw (the image's "height, width");
-    polygon_min_coords, polygon_odd_count (polygon segmentations); rle_error, rle_hw (RLE segmentations)."""
-    positions, annotations, problems = object_records(split, Table.ANNOTATIONS)
-    keys = ("id", "image_id", "category_id", "bbox", "area", "segmentation")
-    columns = _key_columns(annotations, keys, ("id", "image_id", "category_id"))
+    polygon_min_coords, polygon_odd_count, polygon_area, polygon_flat_parts, box_polygon_iou (polygon
+    segmentations, `_polygon_facts`); rle_error, rle_hw (RLE segmentations). The records are read one at a time."""
+    keys, int_keys = (
+        ("id", "image_id", "category_id", "bbox", "area", "segmentation"),
+        ("id", "image_id", "category_id"),
+    )
+    columns, positions, problems = _empty_columns(keys, int_keys, _ANNOTATION_FACTS), array("q"), []
     sizes = image_sizes(split)
-    facts: dict[str, list[Any]] = {
-        name: []
-        for name in (
-            "box_min_side",
-            "box_overhang",
-            "image_hw",
-            "polygon_min_coords",
-            "polygon_odd_count",
-            "rle_error",
-            "rle_hw",
-        )
-    }
-    for annotation in annotations:
+    for index, annotation in object_records(split, Table.ANNOTATIONS, problems):
+        positions.append(index)
+        _add_keys(columns, annotation, keys, int_keys)
         image_id = annotation.get("image_id")
         size = sizes.get(image_id) if is_int(image_id) else None
-        min_side, overhang = _box_facts(annotation.get("bbox"), size)
-        facts["box_min_side"].append(min_side)
-        facts["box_overhang"].append(overhang)
-        facts["image_hw"].append(None if size is None else f"{size[1]}, {size[0]}")
+        bbox = annotation.get("bbox")
+        min_side, overhang = _box_facts(bbox, size)
         segmentation = annotation.get("segmentation")
         polygons = segmentation if describe(segmentation) == POLYGONS_KIND else []
-        facts["polygon_min_coords"].append(min(len(p) for p in polygons) if polygons else math.nan)
-        facts["polygon_odd_count"].append(sum(len(p) % 2 for p in polygons) if polygons else math.nan)
+        area, flat, iou = _polygon_facts(polygons, bbox)
         error = rle_error(segmentation) if isinstance(segmentation, dict) else None
         hw = rle_size(segmentation) if isinstance(segmentation, dict) and error is None else None
-        facts["rle_error"].append(error)
-        facts["rle_hw"].append(None if hw is None else f"{hw[0]}, {hw[1]}")
-    columns.update(facts)
+        row = {
+            "box_min_side": min_side,
+            "box_overhang": overhang,
+            "image_hw": None if size is None else _shared(f"{size[1]}, {size[0]}"),
+            "polygon_min_coords": min(len(p) for p in polygons) if polygons else math.nan,
+            "polygon_odd_count": sum(len(p) % 2 for p in polygons) if polygons else math.nan,
+            "polygon_area": area,
+            "polygon_flat_parts": flat,
+            "box_polygon_iou": iou,
+            "rle_error": error,
+            "rle_hw": None if hw is None else _shared(f"{hw[0]}, {hw[1]}"),
+        }
+        for name, value in row.items():
+            columns[name].append(value)
     return RecordTable(Table.ANNOTATIONS, split.split, split.file, _frame(positions, columns)), problems
 
 

@@ -19,6 +19,7 @@ from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.records import (
     BBOX_KIND,
     EMPTY_LIST_KIND,
+    FLAT_AREA_PX,
     INT_KIND,
     NUMBER_KINDS,
     OBJECT_KIND,
@@ -29,6 +30,9 @@ from pipeline.validation.records import (
 
 BOX_TOLERANCE_PX = 1.0  # exporters that round, or count pixel centres, put box edges up to a pixel outside
 MIN_POLYGON_COORDS = 6  # 3 points: fewer has no area
+# bbox vs the bounds of its polygons: exporters round and pad by a pixel or two (IoU stays > 0.9 on any object of
+# 20 px or more); below one half, the box and the mask describe different things and one of them is wrong
+BOX_POLYGON_MIN_IOU = 0.5
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,20 @@ def image_rules() -> list[Rule]:
                 lambda r, key=key: f"{r['where']}: {key} must be > 0, got {r[key]}",
             )
         )
-    rules += [_duplicate_id_rule(Table.IMAGES), _non_finite_rule()]
+    rules += [
+        _duplicate_id_rule(Table.IMAGES),
+        Rule(
+            Check.DUPLICATE_FILE_NAME,
+            _gxe().ExpectColumnValuesToBeUnique(column="file_key"),
+            lambda r: (
+                f"{r['where']}: file_name {r['file_name']!r} is already the file of images[{r['first']}]; the first "
+                "record keeps the file and this one is quarantined with its annotations (one file, one image "
+                "record: merge the two records' annotations onto the first)"
+            ),
+            keep_first=True,
+        ),
+        _non_finite_rule(),
+    ]
     return rules
 
 
@@ -182,6 +199,32 @@ def annotation_rules(image_ids: Sequence[int], category_ids: Sequence[int]) -> l
             lambda r: (
                 f"{r['where']}: {r['polygon_odd_count']:.0f} polygon(s) with an odd number of coordinates; "
                 "a polygon is a flat list x1, y1, x2, y2, ..."
+            ),
+        ),
+        Rule(
+            Check.DEGENERATE_POLYGON,
+            gxe.ExpectColumnValuesToBeBetween(column="polygon_area", min_value=FLAT_AREA_PX),
+            lambda r: (
+                f"{r['where']}: its polygons have no area ({r['polygon_area']:.3g} square pixels: the points are "
+                "equal or on one line), so its mask would be empty; redraw the outline"
+            ),
+        ),
+        Rule(
+            Check.DEGENERATE_POLYGON_PART,
+            gxe.ExpectColumnValuesToBeBetween(column="polygon_flat_parts", max_value=0),
+            lambda r: (
+                f"{r['where']}: {r['polygon_flat_parts']:.0f} of its polygons have no area (equal or collinear "
+                "points); they add nothing to the mask, the other parts are used"
+            ),
+            severity=Severity.WARNING,
+        ),
+        Rule(
+            Check.BOX_POLYGON_MISMATCH,
+            gxe.ExpectColumnValuesToBeBetween(column="box_polygon_iou", min_value=BOX_POLYGON_MIN_IOU),
+            lambda r: (
+                f"{r['where']}: bbox {r['bbox']} overlaps the bounds of its polygons by IoU "
+                f"{r['box_polygon_iou']:.2f} (< {BOX_POLYGON_MIN_IOU:g}): the box and the mask describe different "
+                "things; fix the one that is wrong (a box can be recomputed from the polygons)"
             ),
         ),
         Rule(

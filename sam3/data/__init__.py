@@ -6,7 +6,6 @@ loader = DataLoader(dataset, batch_size=2, collate_fn=collate_prompts)  # yields
 
 from sam3.data.collate import collate_prompts
 from sam3.data.dataset import (
-    DEFAULT_MAX_TARGETS,
     EXTRA_NEGATIVE_CATEGORY_ID,
     CocoPromptDataset,
     PromptQuery,
@@ -28,7 +27,6 @@ from sam3.data.transforms import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_TARGETS",
     "EXTRA_NEGATIVE_CATEGORY_ID",
     "PIXEL_MEAN",
     "PIXEL_STD",

@@ -43,6 +43,7 @@ from torchvision.transforms.v2 import functional as F
 
 from sam3.coco import ANNOTATIONS_FILE, annotation_mask
 from sam3.coco_split import CocoSplit
+from sam3.config import MAX_TARGETS
 from sam3.data.index import CategoryQuery, ImageRecord, Target, build_index
 from sam3.data.negatives import load_negatives
 from sam3.data.sampler import EpochDataset
@@ -60,7 +61,6 @@ from sam3.images import read_record_image
 logger = logging.getLogger(__name__)
 
 EXTRA_NEGATIVE_CATEGORY_ID = -1  # category_id of a query built from the negatives file
-DEFAULT_MAX_TARGETS = 200  # the reference's limit of targets per query
 
 
 @dataclass
@@ -122,7 +122,7 @@ class CocoPromptDataset(EpochDataset):
         train: bool = True,
         with_masks: bool = False,
         negatives: str | Path | Mapping[int, Sequence[str]] | None = None,
-        max_targets: int = DEFAULT_MAX_TARGETS,
+        max_targets: int = MAX_TARGETS,
         seed: int = 0,
         num_negatives: int | None = None,
         annotations_file: str = ANNOTATIONS_FILE,

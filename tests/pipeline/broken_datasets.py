@@ -39,7 +39,8 @@ def clean_split(root: Path, split: str, n_images: int = 2, first_id: int = 1) ->
     images, annotations = [], []
     for i in range(n_images):
         image_id = first_id + i
-        write_png(root / split / f"img{i}.png", color=(40 * i % 256, 100, 150))
+        # the colour differs by split: the same bytes in two splits is a shared_image_file warning
+        write_png(root / split / f"img{i}.png", color=(40 * i % 256, 100, sum(split.encode()) % 256))
         images.append({"id": image_id, "file_name": f"img{i}.png", "width": WIDTH, "height": HEIGHT})
         annotations.append(
             {

@@ -384,6 +384,7 @@ def test_image_checks(tmp_path):
         ("not_an_image", E, "train", "images", 4, 5),
         ("truncated_image", E, "train", "images", 5, 6),
         ("image_size_mismatch", E, "train", "images", 6, 7),
+        ("duplicate_file_name", E, "train", "images", 8, 8),  # it also names img7.png, images[7]'s file
         ("duplicate_id", E, "train", "images", 8, 8),
         ("missing_key", E, "train", "images", 9, "9"),
         ("wrong_type", E, "train", "images", 9, "9"),
@@ -425,7 +426,7 @@ def test_image_checks(tmp_path):
         ["not_an_image"],
         ["truncated_image"],
         ["image_size_mismatch"],
-        ["duplicate_id"],
+        ["duplicate_file_name", "duplicate_id"],
         ["missing_key", "wrong_type"],
         ["wrong_type"],
         ["image_too_large"],
@@ -670,12 +671,13 @@ def test_fewshot_files_are_checked_against_train_carried_and_missing_seeds_drawn
     assert code == 0  # the bad records are quarantined; every file keeps something
     label = "train/fewshot_train_shot1_seed3.json"
     assert [f for f in found(report) if f[2] == label] == [
+        ("duplicate_file_name", E, label, "images", 1, 2),  # img0.png is images[0]'s file too
         ("not_in_train", E, label, "images", 1, 2),
         ("not_in_train", E, label, "images", 2, 7),
     ]
     messages = [p["message"] for p in report["problems"] if p["split"] == label]
-    assert "file_name 'img0.png' differs from 'img1.png', the train split's image id 2" in messages[0]
-    assert "image id 7 is not a valid image of the train split (train/_annotations.coco.json)" in messages[1]
+    assert "file_name 'img0.png' differs from 'img1.png', the train split's image id 2" in messages[1]
+    assert "image id 7 is not a valid image of the train split (train/_annotations.coco.json)" in messages[2]
     assert report["counts"][label] == {
         "images": 3,
         "annotations": 3,
@@ -699,9 +701,9 @@ def test_fewshot_files_are_checked_against_train_carried_and_missing_seeds_drawn
     assert carried["images"] == [train["images"][0]] and carried["annotations"] == [train["annotations"][0]]
     assert carried["info"] == train["info"]  # top-level keys kept
     quarantined = read_json(out / "_quarantine" / label)
-    assert [(i["id"], i["_problems"][0]["check"]) for i in quarantined["images"]] == [
-        (2, "not_in_train"),
-        (7, "not_in_train"),
+    assert [(i["id"], [p["check"] for p in i["_problems"]]) for i in quarantined["images"]] == [
+        (2, ["duplicate_file_name", "not_in_train"]),
+        (7, ["not_in_train"]),
     ]
     assert [a["id"] for a in quarantined["annotations"]] == [102, 999]
     generated = read_json(out / drawn)

@@ -9,7 +9,7 @@ from torchvision.ops import box_convert
 from transformers import Sam3Model, Sam3VideoConfig
 
 from sam3.batch import PromptBatch
-from sam3.errors import ConfigError, ModelLoadError
+from sam3.errors import ConfigError, ExportError, ModelLoadError
 from sam3.model import (
     Sam3Detector,
     load_model,
@@ -346,3 +346,26 @@ def test_bf16_checkpoint_loads_as_float32(detector: Sam3Detector, tmp_path) -> N
     assert {p.dtype for p in params.values()} == {torch.float32}
     name = "detr_decoder.query_embed.weight"
     assert torch.equal(params[name], weights[name].float())
+
+
+def test_export_refuses_non_finite_weights_and_replaces_whole(detector: Sam3Detector, tmp_path) -> None:
+    """A model with a NaN weight is not exported (the previous export stays, untouched); a good export replaces the
+    folder whole, leaving no partial or old folder beside it."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "stale.txt").write_text("from an earlier export")
+    detector.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    before = (target / "model.safetensors").read_bytes()
+
+    broken = load_model(target)
+    name, weight = next(iter(broken.model.named_parameters()))
+    with torch.no_grad():
+        weight.view(-1)[3] = float("nan")
+    with pytest.raises(ExportError) as err:
+        broken.save_pretrained(target)
+    message = str(err.value)
+    assert "\n" not in message and name in message and "1 weight tensor(s)" in message
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
