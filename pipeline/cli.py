@@ -21,6 +21,7 @@ STAGES = (
     ("fetch", "pipeline.fetch", "download RF100-VL or check ODinW13 and complete its few-shot files"),
     ("demo-data", "pipeline.demo_data", "build the demo dataset from images shipped inside registry packages"),
     ("shapes-data", "pipeline.shapes_data", "generate a coloured-shapes dataset (prompts such as 'red circle')"),
+    ("check", "pipeline.check", "check params.yaml, the model source and the dataset before any stage runs"),
     ("validate", "pipeline.validate", "check a COCO dataset; write the clean copy, a quarantine and a JSON report"),
     ("preprocess", "pipeline.preprocess", "resize a dataset to fit SIZE x SIZE, transforming boxes and masks to match"),
     ("negatives", "pipeline.negatives", "per-image negative prompts: absent categories, phrase-bank neighbours, mined"),
@@ -31,7 +32,7 @@ STAGES = (
     ),
     ("train", "pipeline.train", "fine-tune SAM 3 from params.yaml (resumes; local, multi-process or SLURM)"),
     ("evaluate", "pipeline.evaluate", "box/mask AP and SA-Co metrics of a model on a split, with an optional baseline"),
-    ("predict", "pipeline.predict", "detect and segment prompts in images; COCO JSON and overlay PNGs"),
+    ("predict", "pipeline.predict", "detect and segment prompts in images, folders and videos; COCO JSON, overlays"),
     (
         "score",
         "pipeline.score",

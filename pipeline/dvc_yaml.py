@@ -27,7 +27,8 @@ from sam3.io import write_text
 SUITES = ("rf100vl", "odinw13")
 # The stage module whose import closure is each stage's code, and the params.yaml sections / keys it reads.
 MODULES = {
-    "demo_data": "pipeline.demo_data",
+    "demo_data": "pipeline.shapes_data",
+    "check": "pipeline.check",
     "validate": "pipeline.validate",
     "preprocess": "pipeline.preprocess",
     "negatives": "pipeline.negatives",
@@ -37,6 +38,22 @@ MODULES = {
     "aggregate": "pipeline.aggregate",
 }
 READS = {
+    # every section: check loads the whole file (and a misspelt key anywhere is its business)
+    "check": [
+        "dataset",
+        "validate",
+        "preprocess",
+        "negatives",
+        "model",
+        "train",
+        "optim",
+        "loss",
+        "guard",
+        "ddp",
+        "launcher",
+        "evaluate",
+        "cache",
+    ],  # fmt: skip
     "validate": ["validate"],
     "preprocess": ["preprocess"],
     "negatives": ["negatives", "model.source"],
@@ -82,16 +99,23 @@ def _uncached(path: str) -> dict[str, Any]:
     return {path: {"cache": False}}
 
 
+# DVC's built-in templates (`dvc plots templates`): bars for the categories, a line for the PR curve
+_PLOT_SPECS = {
+    PER_CATEGORY_PLOT: {"x": "AP", "y": "category", "template": "bar_horizontal_sorted"},
+    PR_CURVE_PLOT: {"x": "recall", "y": "precision", "template": "linear"},
+}
+
+
 def _plots(results: str) -> list[Any]:
-    axes = {PER_CATEGORY_PLOT: ("AP", "category"), PR_CURVE_PLOT: ("recall", "precision")}
-    return [
-        {f"{results}/{stages.PLOTS_FOLDER}/{name}": {"cache": False, "x": axes[name][0], "y": axes[name][1]}}
-        for name in stages.PLOT_FILES
-    ]
+    """evaluate's plots: the JSON data with their templates, and the PNGs (shown as images, no renderer needed)."""
+    folder = f"{results}/{stages.PLOTS_FOLDER}"
+    data = [{f"{folder}/{name}": {"cache": False, **_PLOT_SPECS[name]}} for name in stages.PLOT_FILES]
+    return data + [_uncached(f"{folder}/{name}") for name in stages.PLOT_IMAGES]
 
 
 # The dataset stages' command builders, in pipeline order (READS lists what each reads).
 COMMANDS = {
+    "check": stages.check,
     "validate": stages.validate,
     "preprocess": stages.preprocess,
     "negatives": stages.negatives,
@@ -110,7 +134,6 @@ class Variant:
     root_keys: dict[str, list[str]] = field(default_factory=dict)  # params.yaml keys that name its paths
     suite_file: str | None = None  # the suite's params file
     suite_keys: dict[str, list[str]] = field(default_factory=dict)  # keys of suite_file it reads
-    baseline: bool = True  # evaluate compares with evaluate.baseline, writing report.md
 
 
 def dataset_stages(layout: Layout, variant: Variant) -> list[Stage]:
@@ -125,38 +148,51 @@ def dataset_stages(layout: Layout, variant: Variant) -> list[Stage]:
         name: build(layout, PARAMS_FILE, variant.sets.get(name, []), variant.extra.get(name, []))
         for name, build in COMMANDS.items()
     }
-    evaluate_outs: list[Any] = [f"{layout.results}/{PREDICTIONS_FILE}"]
-    if variant.baseline:  # the before/after table is written only with a baseline
-        evaluate_outs.append(_uncached(f"{layout.results}/{REPORT_FILE}"))
+    evaluate_outs: list[Any] = [
+        f"{layout.results}/{PREDICTIONS_FILE}",
+        _uncached(f"{layout.results}/{METRICS_FILE}"),  # every detail; not a DVC metric (the summary is)
+        _uncached(f"{layout.results}/{REPORT_FILE}"),
+    ]
+    checked = f"{layout.reports}/{stages.CHECK_FILE}"
     return [
         Stage(
-            "validate", command["validate"], [layout.raw],
+            "check", command["check"], [layout.raw], [_uncached(checked)], params("check"),
+            comment="reads only: a misspelt key or a missing model/dataset stops the run before any output is replaced",
+        ),
+        Stage(
+            "validate", command["validate"], [checked, layout.raw],
             [layout.clean, _uncached(f"{layout.reports}/{stages.VALIDATE_REPORT}")], params("validate"),
         ),
-        Stage("preprocess", command["preprocess"], [layout.clean], [layout.preprocessed], params("preprocess")),
-        Stage("negatives", command["negatives"], [layout.preprocessed], [layout.negatives], params("negatives")),
         Stage(
-            "cache_features", command["cache_features"], [layout.preprocessed, layout.negatives],
+            "preprocess", command["preprocess"], [checked, layout.clean], [layout.preprocessed], params("preprocess")
+        ),
+        Stage(
+            "negatives", command["negatives"], [checked, layout.preprocessed], [layout.negatives], params("negatives")
+        ),
+        Stage(
+            "cache_features", command["cache_features"], [checked, layout.preprocessed, layout.negatives],
             [{layout.features: {"persist": True}}] if variant.suite_file else [layout.features],
             params("cache_features"),
             comment=CACHE_COMMENT,
         ),
         Stage(
-            "train", command["train"], [layout.preprocessed, layout.negatives, layout.features],
+            "train", command["train"], [checked, layout.preprocessed, layout.negatives, layout.features],
             [
                 layout.model,
                 {f"{layout.run}/checkpoints": {"persist": True}},
-                f"{layout.run}/tensorboard",
-                f"{layout.run}/train_stats.jsonl",
                 f"{layout.run}/params.yaml",
             ],
             params("train"),
-            comment="checkpoints persist: an interrupted `dvc repro` resumes from the newest one",
+            plots=[_uncached(f"{layout.run}/{stages.TRAINING_PLOT}")],
+            comment="checkpoints persist: an interrupted `dvc repro` resumes from the newest one, and a longer "
+            "train.max_steps goes on from it. The logs (tensorboard/, train_stats.jsonl) are not outputs: they hold "
+            "timings, which differ from machine to machine",
         ),
         Stage(
-            "evaluate", command["evaluate"], [layout.model, layout.preprocessed, layout.clean], evaluate_outs,
-            params("evaluate"),
-            metrics=[_uncached(f"{layout.results}/{METRICS_FILE}")],
+            "evaluate", command["evaluate"],
+            [checked, layout.model, layout.preprocessed, layout.clean],
+            evaluate_outs, params("evaluate"),
+            metrics=[_uncached(layout.summary)],
             plots=_plots(layout.results),
         ),
     ]  # fmt: skip
@@ -170,7 +206,9 @@ CACHE_COMMENT = (
 
 def root_document() -> tuple[str, dict[str, Stage]]:
     demo = Stage("demo_data", stages.demo_data(), [], ["data/raw/demo"])
-    named_by = {name: ["dataset.name"] for name in COMMANDS} | {"validate": ["dataset.raw", "dataset.name"]}
+    # the params that name a stage's paths (check reads the whole dataset section anyway)
+    named_by = {name: ["dataset.name"] for name in COMMANDS if name != "check"}
+    named_by["validate"] = ["dataset.raw", "dataset.name"]
     found = dataset_stages(stages.root_layout(), Variant(root_keys=named_by))
     return ROOT_HEADER, {s.name: s for s in [demo, *found]}
 
@@ -201,7 +239,6 @@ def suite_document(suite: str) -> tuple[str, dict[str, Stage]]:
             "cache_features": [f"{suite}.train_flags"],
             "train": [f"{suite}.train_flags"],
         },
-        baseline=False,
     )
     per_dataset = {"dataset": f"${{{suite}.datasets}}"}
     per_run = {**per_dataset, "seed": f"${{{suite}.validate_flags.fewshot-seeds}}"} if fewshot else per_dataset

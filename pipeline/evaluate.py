@@ -1,8 +1,8 @@
 """Stage `evaluate`: a model and a dataset split in; predictions, metrics.json, plot data, a before/after table out.
 
     python -m pipeline evaluate --model DIR_OR_tiny --dataset DIR --out metrics.json [--predictions OUT.json]
-        [--plots-dir DIR] [--gt-original FILE_OR_DIR] [--batch-size N] [--device auto|cpu|cuda]
-        [--params FILE] [--set section.key=value ...]
+        [--plots-dir DIR] [--summary summary.json] [--train-stats train_stats.jsonl] [--gt-original FILE_OR_DIR]
+        [--batch-size N] [--device auto|cpu|cuda] [--params FILE] [--set section.key=value ...]
 
 Settings: params.yaml's `evaluate` section (split, baseline, prompt_chunk, max_dets) and model.mode /
 model.image_size; `--split`, `--mode`, `--baseline`, `--prompt-chunk`, `--max-dets`, `--image-size` are short for the
@@ -21,10 +21,15 @@ matching `--set`. `evaluate.baseline: null` evaluates no baseline.
    segmentation mode also the segm_* keys; SA-Co cgF1, cgF1_50, IL_MCC, pmF1, pmF1_50 (on masks in segmentation
    mode, on boxes otherwise), num_pairs, num_positive_pairs, num_images, num_predictions.
 4. `--plots-dir DIR`: per_category_ap.json (rows category, iou_type, AP) and pr_curve.json (rows recall, precision
-   at IoU 0.5, masks in segmentation mode) for `dvc plots`.
+   at IoU 0.5, masks in segmentation mode) for `dvc plots`, and PNGs to open directly (`pipeline.eval_plots`):
+   pr_curve.png and per_category_ap.png (the model and its baseline side by side), predictions.png (the first test
+   images: ground truth beside the model's detections).
 5. `--baseline SOURCE` (the model before fine-tuning: "tiny", a facebook/sam3 folder ...): evaluated the same way;
-   its metrics go under "baseline" in metrics.json, and report.md next to metrics.json holds a before/after table,
-   which is also printed.
+   its metrics go under "baseline" in metrics.json, and report.md holds a before/after table, which is also printed.
+6. report.md next to metrics.json: the table (before/after, or the model's alone) and links to the PNGs.
+   `--summary FILE`: the handful of numbers compared across runs (`eval_plots.summary`: box/mask AP and AP50, cgF1,
+   IL_MCC, pmF1, the baseline's AP, and from `--train-stats` the run's steps, final loss and images/s); DVC shows it
+   as the run's metrics, while metrics.json keeps every detail (per category, per area).
 
 Every model is loaded before any inference runs, so a wrong folder fails at once. JSON files are written with
 sorted keys and indent 2 (`sam3.io.write_json`, atomic): reruns on CPU give byte-identical files.
@@ -105,7 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--predictions", type=Path, help=f"COCO results file to write (default: {PREDICTIONS_FILE} next to --out)"
     )
-    parser.add_argument("--plots-dir", type=Path, help=f"write {PER_CATEGORY_PLOT} and {PR_CURVE_PLOT} here")
+    parser.add_argument(
+        "--plots-dir", type=Path, help=f"write {PER_CATEGORY_PLOT}, {PR_CURVE_PLOT} and the PNG figures here"
+    )
+    parser.add_argument("--summary", type=Path, help="write the run's few headline metrics here (json)")
+    parser.add_argument("--train-stats", type=Path, help="the run's train_stats.jsonl, for the summary's figures")
     parser.add_argument(
         "--gt-original",
         type=Path,
@@ -180,6 +189,24 @@ def _change(after: float | None, before: float | None, key: str) -> str:
     return f"{after - before:+.2f}" if key.startswith("cgF1") else f"{after - before:+.3f}"
 
 
+def metrics_table(metrics: dict[str, Any], model_name: str, title: str) -> str:
+    """Markdown: a heading `title`, then one row per TABLE_KEYS metric present (no baseline to compare with)."""
+    lines = [f"## {title}", "", f"| metric | model: {model_name} |", "|:--|--:|"]
+    lines += [f"| {key} | {_number(metrics[key], key)} |" for key in TABLE_KEYS if key in metrics]
+    return "\n".join(lines) + "\n"
+
+
+def figure_links(figures: list[Path], report_dir: Path) -> str:
+    """Markdown image links to `figures`, relative to the report's folder."""
+    import os
+
+    lines = ["", "## Figures", ""]
+    for figure in figures:
+        relative = Path(os.path.relpath(figure, report_dir)).as_posix()
+        lines.append(f"![{figure.stem.replace('_', ' ')}]({relative})")
+    return "\n".join(lines) + "\n"
+
+
 def comparison_table(
     metrics: dict[str, Any], baseline: dict[str, Any], model_name: str, baseline_name: str, title: str
 ) -> str:
@@ -201,7 +228,8 @@ def comparison_table(
 class EvalResult:
     metrics: dict[str, Any]  # what metrics.json holds
     predictions_file: Path
-    report: str | None  # the before/after Markdown table, with a baseline
+    report: str  # report.md: the before/after table (or the model's metrics alone) and the figures' links
+    figures: list[Path]  # the PNGs written (none without a plots folder)
 
 
 def evaluate(
@@ -214,8 +242,11 @@ def evaluate(
     plots_dir: Path | None = None,
     baseline: str | None = None,
     gt_original: Path | None = None,
+    summary_file: Path | None = None,
+    train_stats: Path | None = None,
 ) -> EvalResult:
-    """Steps 1-5 of the module docstring; writes `out`, the predictions, the plot files and report.md."""
+    """Steps 1-6 of the module docstring; writes `out`, the predictions, the plot files, report.md and the summary."""
+    from pipeline.eval_plots import ModelResult, summary, write_figures
     from sam3.evaluation import per_category_rows, pr_curve
     from sam3.model import load_model
 
@@ -235,15 +266,31 @@ def evaluate(
         write_json(plots_dir / PER_CATEGORY_PLOT, per_category_rows(metrics))
         write_json(plots_dir / PR_CURVE_PLOT, pr_curve(gt, predictions, iou_type))
 
-    report = None
+    results = {"fine-tuned": ModelResult(metrics, predictions)}
     if baseline_detector is not None:
         baseline_predictions = run_inference(baseline_detector, dataset_dir, split, options)
         metrics[BASELINE_KEY] = score_predictions(gt, baseline_predictions, options.with_masks)
+        results[f"baseline: {baseline}"] = ModelResult(metrics[BASELINE_KEY], baseline_predictions)
         title = f"{dataset_dir} ({split}): {baseline} before, {model} after"
         report = comparison_table(metrics, metrics[BASELINE_KEY], model, baseline, title)
-        write_text(out.parent / REPORT_FILE, report)
+    else:
+        report = metrics_table(metrics, model, f"{dataset_dir} ({split}): {model}")
+    figures: list[Path] = []
+    if plots_dir is not None:
+        figures = write_figures(plots_dir, gt, results, _image_folder(dataset_dir, split, gt_original), iou_type)
+        report += figure_links(figures, out.parent)
+    write_text(out.parent / REPORT_FILE, report)
     write_json(out, metrics)
-    return EvalResult(metrics, predictions_file, report)
+    if summary_file is not None:
+        write_json(summary_file, summary(metrics, iou_type, train_stats, BASELINE_KEY))
+    return EvalResult(metrics, predictions_file, report, figures)
+
+
+def _image_folder(dataset_dir: Path, split: str, gt_original: Path | None) -> Path:
+    """Where the images of the ground truth's records are: the original split's folder when scoring against it."""
+    if gt_original is None:
+        return dataset_dir / split
+    return gt_original / split if gt_original.is_dir() else gt_original.parent
 
 
 def check_masks(gt: dict[str, Any], source: Path) -> None:
@@ -258,6 +305,10 @@ def check_masks(gt: dict[str, Any], source: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = stage_params(args, SHORTHANDS)
+    if params.evaluate.threads is not None:
+        import torch
+
+        torch.set_num_threads(params.evaluate.threads)
     options = EvalOptions(
         with_masks=params.model.mode == "segmentation",
         prompt_chunk=params.evaluate.prompt_chunk,
@@ -276,11 +327,14 @@ def run(args: argparse.Namespace) -> int:
         plots_dir=args.plots_dir,
         baseline=params.evaluate.baseline,
         gt_original=args.gt_original,
+        summary_file=args.summary,
+        train_stats=args.train_stats,
     )
     iou_type = "segm" if options.with_masks else "bbox"
     print(summary_line(result.metrics, iou_type))
-    if result.report is not None:
+    if BASELINE_KEY in result.metrics:
         print(f"baseline: {summary_line(result.metrics[BASELINE_KEY], iou_type)}")
-        print(result.report, end="")
-    print(f"wrote {args.out} and {result.predictions_file}")
+    print(result.report, end="")
+    written = [args.out, result.predictions_file, args.out.parent / REPORT_FILE, *result.figures]
+    print("wrote " + ", ".join(str(path) for path in written + ([args.summary] if args.summary else [])))
     return 0

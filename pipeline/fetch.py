@@ -2,6 +2,8 @@
 
     python -m pipeline fetch rf100vl --root DIR [--domains-file FILE]
     python -m pipeline fetch odinw13 --root DIR [--fewshot-k 10]
+    python -m pipeline fetch roboflow --workspace W --project P --version V [--out DIR]
+    python -m pipeline fetch roboflow --from-zip FILE [--out DIR]
 
 rf100vl  Layout ROOT/<dataset>/{train,valid,test}/_annotations.coco.json. The dataset list comes from the installed
          `rf100vl` package (or `--domains-file`, the same {dataset: domain} JSON). Datasets already complete are
@@ -15,6 +17,7 @@ odinw13  Cannot be downloaded here (GLIP's download). Checks each of the 13 trai
          by `pipeline.fewshot.make_fewshot` from the folder's full training annotations, and the output says so.
          Exit 0 when at least one dataset is ready (the missing ones are listed with their exact expected paths, as
          a warning: the suite then runs on the ready ones); exit 2 (DataError) when none is.
+roboflow One project version of your own, downloaded, or an export zip already downloaded (`pipeline.roboflow`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sam3.coco import ANNOTATIONS_FILE, SPLITS, load_coco, save_coco, split_anno
 from sam3.errors import ConfigError, DataError
 
 SUITES: tuple[str, ...] = ("rf100vl", "odinw13")
+SOURCES: tuple[str, ...] = (*SUITES, "roboflow")
 DEFAULT_FEWSHOT_K = ODINW13_SHOTS
 API_KEY_VARIABLE = "ROBOFLOW_API_KEY"
 GLIP_ODINW_DOWNLOAD = "GLIP's ODinW download (github.com/microsoft/GLIP, odinw/download_datasets.py)"
@@ -66,20 +70,43 @@ ODINW13_TRAIN_FOLDERS: tuple[OdinwTrainFolder, ...] = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suite", choices=SUITES, help="benchmark suite to fetch or check")
-    parser.add_argument("--root", required=True, type=Path, help="folder that holds (or will hold) the suite's data")
+    parser.add_argument("suite", choices=SOURCES, help="benchmark suite to fetch or check, or roboflow (your project)")
+    parser.add_argument("--root", type=Path, help="rf100vl, odinw13: folder that holds (or will hold) the suite's data")
     parser.add_argument(
         "--fewshot-k", type=int, default=DEFAULT_FEWSHOT_K, help="odinw13: instances per category of the few-shot files"
     )
     parser.add_argument(
         "--domains-file", type=Path, default=None, help="rf100vl: {dataset: domain} JSON when the package is absent"
     )
+    roboflow = parser.add_argument_group("roboflow")
+    roboflow.add_argument("--workspace", help="Roboflow workspace (the URL's first part)")
+    roboflow.add_argument("--project", help="Roboflow project")
+    roboflow.add_argument("--version", type=int, help="project version number")
+    roboflow.add_argument("--from-zip", type=Path, help="a COCO export zip already downloaded (no key, no network)")
+    roboflow.add_argument("--out", type=Path, help="dataset folder to create (default data/raw/<project or zip name>)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "roboflow":
+        return _run_roboflow(args)
+    if args.root is None:
+        raise ConfigError(f"fetch {args.suite} needs --root DIR (the folder that holds the suite's data)")
     if args.suite == "rf100vl":
         return fetch_rf100vl(args.root, args.domains_file)
     return fetch_odinw13(args.root, args.fewshot_k)
+
+
+def _run_roboflow(args: argparse.Namespace) -> int:
+    from pipeline import roboflow
+
+    if args.from_zip is not None:
+        roboflow.from_zip(args.from_zip, args.out)
+        return 0
+    missing = [f"--{name}" for name in ("workspace", "project", "version") if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"fetch roboflow needs --from-zip FILE, or {', '.join(missing)} (missing)")
+    roboflow.download(args.workspace, args.project, args.version, args.out)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------- RF100-VL

@@ -3,8 +3,9 @@
 `load_params(path, overrides)` reads the YAML, applies `section.key=value` overrides, and checks every key:
 an unknown or misspelled key is a `ConfigError` naming the key and the closest valid one, a value of the wrong
 type names the key, the expected type and the value (a choice, typed `Literal` in `sam3.config`, names the allowed
-values). Then `check_values` checks what types cannot say (counts >= 1, the feature cache's freeze mode), so every
-stage that loads params refuses the same mistakes. Lower layers receive plain values from these objects.
+values). Then `check_values` checks what types cannot say (counts >= 1, the feature cache's freeze mode, the settings
+that need validation: `sam3.config.loop_problem`), so every stage that loads params refuses the same mistakes. Lower
+layers receive plain values from these objects.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sam3.config import (
     LoopConfig,
     LossConfig,
     OptimConfig,
+    loop_problem,
 )
 from sam3.errors import ConfigError
 
@@ -80,6 +82,7 @@ class EvaluateParams:
     baseline: str | None = None  # also evaluated, for the before / after table: the model before fine-tuning
     prompt_chunk: int = DEFAULT_PROMPT_CHUNK  # prompts per decoder call; lower it if memory runs out
     max_dets: int = DEFAULT_MAX_DETS  # detections kept per image across prompts (the recipe's top 100)
+    threads: int | None = None  # CPU threads of torch's kernels (None: one per core); fixed, scores reproduce
 
 
 @dataclass
@@ -152,9 +155,18 @@ def check_values(params: Params, source: str = "params") -> None:
         (train.batch_size >= 1, "train.batch_size must be >= 1"),
         (train.accumulation >= 1, "train.accumulation must be >= 1"),
         (train.epochs >= 1 or train.max_steps, "train.epochs must be >= 1 (or set train.max_steps)"),
+        (train.threads is None or train.threads >= 1, "train.threads must be >= 1 (null: one per core)"),
+        (
+            params.evaluate.threads is None or params.evaluate.threads >= 1,
+            "evaluate.threads must be >= 1 (null: one per core)",
+        ),
+        (train.max_steps is None or train.max_steps >= 1, "train.max_steps must be >= 1 (null: train.epochs decide)"),
+        (train.log_every >= 1, "train.log_every must be >= 1 (steps between logged records and progress lines)"),
         (launcher.nodes >= 1 and launcher.gpus_per_node >= 1, "launcher.nodes/gpus_per_node >= 1"),
         (cache.views >= 1, "cache.views must be >= 1 (1: the plain warp only, no augmentation)"),
     ]
+    loop_issue = loop_problem(train, with_masks=params.model.mode == "segmentation")
+    checks.append((loop_issue is None, loop_issue))
     if cache.enabled:  # only then: sam3.freeze imports torch, which a stage with the cache off never needs
         from sam3.freeze import cache_freeze_problem
 

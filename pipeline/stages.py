@@ -5,12 +5,14 @@ and reads its own sections of the params. So a command line holds paths and over
 files live is all that differs between the root pipeline, the DVC suites and the Prefect suite path. A `Layout`
 says where; each function below turns a layout into one stage's command:
 
+    check           raw + params -> reports/check.json (read only; every other dataset stage depends on it)
     validate        raw         -> clean/ + reports/validate.json
     preprocess      clean       -> preprocessed/
     negatives       preprocessed -> negatives.json
     cache_features  preprocessed + negatives.json -> features/
     train           preprocessed + negatives.json + features/ -> run/{model,checkpoints,...}
-    evaluate        run/model + preprocessed + clean -> results/{metrics.json,predictions.json,report.md,plots/}
+    evaluate        run/model + preprocessed + clean (+ run/train_stats.jsonl) ->
+                    results/{metrics.json,predictions.json,report.md,plots/} + the run's summary.json
     aggregate       reports/<suite>/ -> reports/<suite>.{json,md}
 
 `pipeline.dvc_yaml` renders the committed dvc.yaml files from these (with `${...}` paths, which DVC fills in) and a
@@ -23,12 +25,19 @@ from dataclasses import dataclass
 
 from pipeline.aggregate import METRICS_FILE
 from pipeline.evaluate import PER_CATEGORY_PLOT, PR_CURVE_PLOT, PREDICTIONS_FILE
+from pipeline.plots import MOSAIC_PNG, PER_CATEGORY_PNG, PR_CURVE_PNG, TRAINING_PNG
+from pipeline.train import PLOTS_FOLDER as RUN_PLOTS
+from pipeline.train import TRAIN_STATS
 
 PIPELINE = ("python", "-m", "pipeline")  # the Prefect flow swaps "python" for its own interpreter
 MODEL_FOLDER = "model"  # sam3.trainer.train exports the fine-tuned model to <run dir>/model
 VALIDATE_REPORT = "validate.json"
 PLOTS_FOLDER = "plots"
 PLOT_FILES = (PER_CATEGORY_PLOT, PR_CURVE_PLOT)  # evaluate's plot data, in PLOTS_FOLDER
+PLOT_IMAGES = (PR_CURVE_PNG, PER_CATEGORY_PNG, MOSAIC_PNG)  # evaluate's figures, in PLOTS_FOLDER
+TRAINING_PLOT = f"{RUN_PLOTS}/{TRAINING_PNG}"  # train's figure, in the run folder
+CHECK_FILE = "check.json"
+SUMMARY_FILE = "summary.json"
 NO_BASELINE = "evaluate.baseline=null"  # the `--set` that skips the baseline evaluation
 
 
@@ -45,6 +54,7 @@ class Layout:
     run: str  # the training run folder
     reports: str  # validate.json's folder
     results: str  # evaluate's folder: metrics.json, predictions.json, report.md, plots/
+    summary: str  # the run's headline metrics (DVC metrics): a path without the dataset's name in the root pipeline
     train_annotations: str | None = None  # a file of the train split to train on (few-shot), else the split's own
 
     @property
@@ -63,6 +73,7 @@ def root_layout(name: str = "${dataset.name}", raw: str = "${dataset.raw}") -> L
         run=f"runs/{name}",
         reports=f"reports/{name}",
         results=f"reports/{name}",
+        summary=f"reports/{SUMMARY_FILE}",  # one run per workspace: `dvc metrics diff` compares any two
     )
 
 
@@ -83,6 +94,7 @@ def suite_layout(
         run=f"runs/{suite}/{name}{per_seed}",
         reports=f"reports/{suite}/{name}",
         results=f"reports/{suite}/{name}{per_seed}",
+        summary=f"reports/{suite}/{name}{per_seed}/{SUMMARY_FILE}",
         train_annotations=train_annotations,
     )
 
@@ -93,6 +105,14 @@ def _params(params_file: str, sets: list[str]) -> list[str]:
 
 def _train_file(layout: Layout) -> list[str]:
     return ["--train-annotations", layout.train_annotations] if layout.train_annotations else []
+
+
+def check(layout: Layout, params_file: str, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+    """Reads the params and the inputs only; fails before any stage replaces an output."""
+    return [
+        *PIPELINE, "check", "--dataset", layout.raw, "--out", f"{layout.reports}/{CHECK_FILE}",
+        *_params(params_file, list(sets)), *extra,
+    ]  # fmt: skip
 
 
 def validate(layout: Layout, params_file: str, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
@@ -138,7 +158,8 @@ def evaluate(layout: Layout, params_file: str, sets: list[str] = (), extra: list
         *PIPELINE, "evaluate", "--model", layout.model, "--dataset", layout.preprocessed,
         "--gt-original", layout.clean, "--out", f"{layout.results}/{METRICS_FILE}",
         "--predictions", f"{layout.results}/{PREDICTIONS_FILE}", "--plots-dir", f"{layout.results}/{PLOTS_FOLDER}",
-        *_params(params_file, list(sets)), *extra,
+        "--summary", layout.summary, "--train-stats", f"{layout.run}/{TRAIN_STATS}", *_params(params_file, list(sets)),
+        *extra,
     ]  # fmt: skip
 
 
@@ -150,5 +171,9 @@ def aggregate(suite: str, extra: list[str] = ()) -> list[str]:
     ]  # fmt: skip
 
 
+DEMO_IMAGES = 400  # training images of the demo's shapes (and 80 valid, 80 test)
+
+
 def demo_data(out: str = "data/raw/demo") -> list[str]:
-    return [*PIPELINE, "demo-data", "--out", out]
+    """The demo dataset: generated shapes ("red circle", ...), where the tiny model learns in minutes on a CPU."""
+    return [*PIPELINE, "shapes-data", "--out", out, "--n", str(DEMO_IMAGES), "--seed", "0"]

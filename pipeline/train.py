@@ -10,7 +10,12 @@ Reads params.yaml into typed sections, writes the resolved params next to the ru
   FEATURE_CACHE/<dataset name> (default data/features/<dataset name>). The job gets the same plain-valued TrainJob
   as a local run (paths relative to the submission folder, where SLURM starts the job); the cache folders and the
   --train-annotations file are checked before submitting, so a job never waits in the queue to fail on them.
-The run folder holds checkpoints/, model/ (transformers format), tensorboard/, train_stats.jsonl, params.yaml.
+The run folder holds checkpoints/ (with validation, best.pt too), model/ (transformers format: the last or the best
+weights, train.export), tensorboard/, train_stats.jsonl, params.yaml, and plots/training.png (loss terms, learning
+rates and validation over steps, drawn from train_stats.jsonl when a local run ends). model.source is checked from its
+files before anything else (also by --dry-run): a missing or incomplete folder stops the run at once. The same
+command with a larger train.max_steps (or train.epochs) goes on from the run's checkpoint; a total below the
+checkpoint's step exits 2 naming it.
 One trainer per run folder: a second one (a second `dvc repro`, a double-started flow) exits 2 naming the holder,
 before it writes anything (sam3.run_lock).
 """
@@ -25,9 +30,14 @@ from pathlib import Path
 import yaml
 
 from pipeline.params import Params, to_dict
+from pipeline.plots import TRAINING_PNG
 from pipeline.stage_args import add_params_arguments, params_file_of, stage_params
 from pipeline.train_job import build_job, write_resolved_params
 from sam3.coco import ANNOTATIONS_FILE
+from sam3.model_files import check_model_source
+
+TRAIN_STATS = "train_stats.jsonl"  # written by sam3.training.logs in the run folder
+PLOTS_FOLDER = "plots"
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = stage_params(args)
     dataset = args.dataset or f"data/preprocessed/{params.dataset.name}"
+    check_model_source(params.model.source, "model.source")
     if args.dry_run:
         print(yaml.safe_dump(to_dict(params), sort_keys=False), end="")
         if not args.datasets:
@@ -97,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
 
             export_dir = train(job)
             print(f"fine-tuned model: {export_dir}")
+        stats = args.run_dir / TRAIN_STATS
+        if stats.is_file():
+            from pipeline.plots import training_figure
+
+            print(f"training curves: {training_figure(stats, args.run_dir / PLOTS_FOLDER / TRAINING_PNG)}")
     return 0
 
 

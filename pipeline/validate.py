@@ -28,7 +28,9 @@ Decisions a user should know:
 - Duplicate category names (compared stripped, as prompts): the first category keeps the name; the later one is
   quarantined with its annotations and left out of the clean categories. Categories are never merged.
 - A category without any valid annotation is a warning and stays (it still serves as a negative prompt);
-  an image without annotations is legal and not reported.
+  an image without annotations is legal and not reported. The exception is Roboflow's placeholder category (no
+  annotation, id 0 or every class's supercategory; validation.placeholder): it is set aside in the quarantine
+  (`roboflow_placeholder`, severity set_aside), never a prompt.
 - Two image records naming one file (`duplicate_file_name`): the first keeps the file, the later one is quarantined
   with its annotations. Polygons without area (`degenerate_polygon`) and boxes that disagree with their polygons
   (`box_polygon_mismatch`, IoU of the box and the polygons' bounds < 0.5) quarantine the annotation.
@@ -47,6 +49,7 @@ Decisions a user should know:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +62,7 @@ from pipeline.validation.across import across_splits
 from pipeline.validation.files import DEFAULT_MAX_PIXELS, check_image_files
 from pipeline.validation.output import QUARANTINE_DIR, prepare_out_dir, write_outcome
 from pipeline.validation.packed import as_list
+from pipeline.validation.placeholder import placeholder_categories, placeholder_problems
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.quarantine import SplitOutcome, partition_split
 from pipeline.validation.records import (
@@ -125,8 +129,11 @@ def _ints(records: list) -> list[int]:
     return [r["id"] for r in records if isinstance(r, dict) and is_int(r.get("id"))]
 
 
-def _check_split(runner: SuiteRunner, dataset_dir: Path, split: SplitRecords, max_pixels: int) -> list[Problem]:
-    """Every problem of one split: the suites over its three tables, then its image files."""
+def _check_split(
+    runner: SuiteRunner, dataset_dir: Path, split: SplitRecords, max_pixels: int, placeholders: dict[int, str]
+) -> list[Problem]:
+    """Every problem of one split: the suites over its three tables, then its image files. Placeholder categories
+    are set aside before the category rules run (a real class may share the project's name)."""
     images, problems = image_table(split)
     problems += runner.check(images, image_rules())
     problems += check_image_files(images, dataset_dir, max_pixels)
@@ -134,7 +141,10 @@ def _check_split(runner: SuiteRunner, dataset_dir: Path, split: SplitRecords, ma
     image_ids, category_ids = _ints(split.records(Table.IMAGES)), _ints(split.records(Table.CATEGORIES))
     problems += found + runner.check(annotations, annotation_rules(image_ids, category_ids))
     categories, found = category_table(split)
-    problems += found + runner.check(categories, category_rules())
+    if placeholders:
+        kept = ~categories.frame["id_int"].isin([float(i) for i in placeholders])
+        categories = dataclasses.replace(categories, frame=categories.frame[kept])
+    problems += found + runner.check(categories, category_rules()) + placeholder_problems(split, placeholders)
     return problems
 
 
@@ -262,12 +272,20 @@ def validate_dataset(
     splits = [load_split(dataset_dir, split) for split in present_splits(dataset_dir)]
     fewshot = _load_fewshot(dataset_dir, splits, fewshot_seeds)
     prepare_out_dir(out_dir, dataset_dir)
+    placeholders = placeholder_categories(splits)
+    for category_id, name in sorted(placeholders.items()):
+        log.info(
+            "category %d %r is Roboflow's placeholder (the project's name, used by no annotation): set aside, "
+            "never a prompt",
+            category_id,
+            name,
+        )
 
     runner = SuiteRunner()  # one great-expectations context for the whole run
     problems: list[Problem] = []
     outcomes = []
     for split in splits:
-        found = _check_split(runner, dataset_dir, split, max_pixels)
+        found = _check_split(runner, dataset_dir, split, max_pixels, placeholders)
         outcomes.append(partition_split(split, found))
         problems += found
     # few-shot files are subsets of the train split: they do not count towards category usage, nor leak
@@ -276,7 +294,7 @@ def validate_dataset(
     train = next((outcome for outcome in outcomes if outcome.split == FEWSHOT_SPLIT), None)
     fewshot_outcomes = []
     for records in fewshot:
-        found = _check_split(runner, dataset_dir, records, max_pixels) + not_in_train(records, train)
+        found = _check_split(runner, dataset_dir, records, max_pixels, placeholders) + not_in_train(records, train)
         fewshot_outcomes.append(partition_split(records, found))
         problems += found
 

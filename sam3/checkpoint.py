@@ -5,7 +5,8 @@ A checkpoint is one `torch.save` file holding everything a run needs to continue
     format, format_version   our tag, so a foreign file is refused with a clear message
     train_state              `TrainState` as a plain dict (step, epoch, ...)
     model                    model state_dict, unwrapped from DDP / torch.compile
-    optimizer                optimizer state_dict (AdamW moments, param groups with `base_lr`)
+    optimizer                optimizer state_dict (AdamW moments, param groups with `base_lr`); None in a file of
+                             weights only (the best checkpoint), which can be exported but not resumed
     scheduler                the trainer's scheduler state (plain dict) or None
     scaler                   GradScaler state_dict, None when there is no enabled scaler
     rng                      python `random`, numpy global, torch CPU and every CUDA device's generator
@@ -16,7 +17,8 @@ writing, so every file loads with `torch.load(..., weights_only=True)`: no pickl
 is read.
 
 Files: `step_{step:08d}.pt` for the rolling checkpoints (the newest `keep_last` are kept), any other name for
-checkpoints kept for good (`epoch_checkpoint_name(n)` = `epoch_{n:04d}.pt`). A save writes a hidden temporary
+checkpoints kept for good (`epoch_checkpoint_name(n)` = `epoch_{n:04d}.pt`, `BEST_CHECKPOINT` = `best.pt`, the weights
+of the best validation so far). A save writes a hidden temporary
 file in the same folder, flushes and fsyncs it, renames it over the final name (`os.replace` is atomic on one
 file system) and fsyncs the folder, so a crash or SIGKILL at any moment leaves either the old set of files or
 the new one, never a half-written checkpoint under a real name.
@@ -71,14 +73,24 @@ class TrainState:
 
     step: optimiser steps done so far; epoch: the epoch the next step belongs to; epoch_step: optimiser steps
     already done inside that epoch (a mid-epoch resume skips that many batches); best_metric: the best
-    validation metric so far, None before the first evaluation; guard: `DivergenceGuard.state_dict()`.
+    validation metric so far, None before the first evaluation; best_step: the step it was measured at;
+    validations_since_best: validations since then without improvement (early stopping counts these);
+    total_steps: the run's length when this state was saved (None in files older than the field), so a resumed
+    run can say that its length changed; guard: `DivergenceGuard.state_dict()`.
+    Fields missing from an older file take these defaults when it is loaded.
     """
 
     step: int = 0
     epoch: int = 0
     epoch_step: int = 0
     best_metric: float | None = None
+    best_step: int | None = None
+    validations_since_best: int = 0
+    total_steps: int | None = None
     guard: dict[str, Any] = field(default_factory=dict)
+
+
+BEST_CHECKPOINT = "best.pt"  # the weights of the best validation so far (sam3.training.best); never rotated
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -95,7 +107,7 @@ def save_checkpoint(
     ckpt_dir: str | Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler_state: dict[str, Any] | None,
     scaler: torch.amp.GradScaler | None,
     train_state: TrainState,
@@ -109,8 +121,9 @@ def save_checkpoint(
     The file is `ckpt_dir/step_{step:08d}.pt`, or `ckpt_dir/name` when `name` is given (e.g.
     `epoch_checkpoint_name(3)`). After writing, step files other than the `keep_last` newest and those named in
     `extra_names` are deleted (pass the same `extra_names` on every call); files not named `step_*.pt` are
-    never deleted. Raises TypeError, before anything is written, if some value is not a tensor or plain Python
-    value (the file would not load with weights_only).
+    never deleted. `optimizer` None writes the weights without optimiser state (a third of the bytes with AdamW):
+    such a file is exported or evaluated, never resumed. Raises TypeError, before anything is written, if some value
+    is not a tensor or plain Python value (the file would not load with weights_only).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (the checkpoint just written is one of them), got {keep_last}")
@@ -125,7 +138,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "train_state": asdict(train_state),
         "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler_state,
         # a disabled GradScaler's state_dict is {} and cannot be loaded back, so store None
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
@@ -211,6 +224,11 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: the saved weights do not fit this model: {err}") from err
 
     if optimizer is not None:
+        if payload["optimizer"] is None:
+            raise CheckpointError(
+                f"{path} holds weights only, no optimiser state (a best checkpoint): export or evaluate it, resume "
+                "from a step_*.pt file"
+            )
         try:
             optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError) as err:

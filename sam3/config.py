@@ -17,6 +17,10 @@ from sam3.coco import ANNOTATIONS_FILE
 FreezeMode = Literal["none", "vision", "vision_text", "heads"]  # what trains (sam3.freeze)
 AmpDtype = Literal["bf16", "fp16", "none"]  # autocast dtype of a CUDA run
 TrainMode = Literal["train", "train_only", "val"]
+# the validation metric that picks the best checkpoint and drives early stopping (sam3.training.best); the higher
+# the better. auto: segm_AP in segmentation mode, bbox_AP in detection mode
+BestMetric = Literal["auto", "bbox_AP", "segm_AP", "cgF1"]
+ExportWeights = Literal["last", "best"]  # which weights run_dir/model holds: the final step's, or best.pt's
 ClassLoss = Literal["iabce", "focal"]  # sam3.losses: the recipe's IoU-aware BCE, or focal for training from scratch
 GradientCompression = Literal["none", "fp16", "bf16"]  # dtype of DDP's gradient all-reduce
 CacheDtype = Literal["fp16", "fp32"]  # storage dtype of the feature cache (sam3.features)
@@ -72,8 +76,35 @@ class LoopConfig:
     keep_last: int = 3
     log_every: int = 10
     mode: TrainMode = "train"  # train (validating every val_every_epochs) | train_only | val (evaluate, no training)
-    val_every_epochs: int = 0  # validation box/mask AP on the valid split every K epochs; 0: never
+    val_every_epochs: int = 0  # box/mask AP on the valid split every K epochs and at the last step; 0: never
+    best_metric: BestMetric = "auto"  # the validation metric of best.pt and early stopping
+    patience: int | None = 0  # stop after N validations without improvement of best_metric; 0 or None: never
+    export: ExportWeights = "last"  # run_dir/model holds the last step's weights, or best.pt's (needs validation)
     wandb_project: str | None = None  # also log to Weights & Biases under this project (needs `pip install wandb`)
+    # CPU threads of torch's kernels (None: torch's default, one per core). The sum order of a CPU matmul depends on
+    # the thread count, so a fixed count gives the same weights on machines with different numbers of cores.
+    threads: int | None = None
+
+
+def loop_problem(loop: LoopConfig, with_masks: bool) -> str | None:
+    """What is wrong with the validation-driven settings of `loop` (None: nothing), as a message naming the key.
+
+    Best checkpoint, early stopping and exporting the best weights need validations: train.mode train with
+    train.val_every_epochs >= 1 (mode val trains and exports nothing, so they do not matter there). segm_AP exists
+    in segmentation mode only. Checked by the params loader and again by `sam3.trainer.train`, before anything is
+    written.
+    """
+    validates = loop.mode == "val" or (loop.mode == "train" and loop.val_every_epochs >= 1)
+    how = "set train.val_every_epochs >= 1 with train.mode train"
+    if loop.patience is not None and loop.patience < 0:
+        return f"train.patience = {loop.patience}: must be >= 0 (0 or null: no early stopping)"
+    if loop.patience and not validates:
+        return f"train.patience = {loop.patience} needs validation: {how}, or set train.patience 0"
+    if loop.export == "best" and not validates:
+        return f"train.export = 'best' needs validation: {how}, or set train.export last"
+    if loop.best_metric == "segm_AP" and not with_masks:
+        return "train.best_metric = 'segm_AP' needs model.mode segmentation (detection mode has no masks)"
+    return None
 
 
 @dataclass

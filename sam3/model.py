@@ -23,9 +23,9 @@ The last layer equals what `Sam3Model.forward` returns (its boxes are xyxy; ours
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,20 +45,11 @@ from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
 from sam3.batch import PromptBatch
 from sam3.errors import ConfigError, ExportError, ModelLoadError
 from sam3.io import replace_folder
+from sam3.model_files import BUILT_IN_SOURCES, COMPLETE_FOLDER, check_model_folder
 from sam3.scratch import apply_scratch_priors
 from sam3.tokenizer import CONTEXT_LENGTH, END_ID, PAD_ID, START_ID
 
 logger = logging.getLogger(__name__)
-
-BUILT_IN_SOURCES = ("tiny", "full")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-SAM3_MODEL_TYPES = ("sam3", "sam3_video")  # our export / a facebook/sam3 download (video model holding the detector)
-_COMPLETE_FOLDER = (
-    f"a complete model folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} with its shards), "
-    "as in a facebook/sam3 download or our save_pretrained export"
-)
 
 
 def tiny_config(image_size: int = 224) -> Sam3Config:
@@ -169,15 +160,7 @@ def load_model(
 
 
 def _load_folder(folder: Path, image_size: int | None) -> Sam3Model:
-    accepted = f"pass 'tiny', 'full' or a model folder; {_COMPLETE_FOLDER}"
-    if not folder.exists():
-        raise ModelLoadError(f"model folder {folder} does not exist; {accepted}")
-    if not folder.is_dir():
-        raise ModelLoadError(f"{folder} is not a folder; {accepted}")
-    if not (folder / CONFIG_FILE).is_file():
-        raise ModelLoadError(f"{folder / CONFIG_FILE} is missing; {_COMPLETE_FOLDER}")
-    _check_model_type(folder / CONFIG_FILE)
-    _check_weights(folder)
+    check_model_folder(folder)
 
     config = Sam3Config.from_pretrained(folder, local_files_only=True)
     detector_config = getattr(config, "detector_config", None)
@@ -195,40 +178,11 @@ def _load_folder(folder: Path, image_size: int | None) -> Sam3Model:
         missing = sorted(info["missing_keys"])
         raise ModelLoadError(
             f"{folder} lacks {len(missing)} weights of the SAM 3 detector (first: {missing[0]}); "
-            f"the folder does not hold a SAM 3 model or is incomplete; {_COMPLETE_FOLDER}"
+            f"the folder does not hold a SAM 3 model or is incomplete; {COMPLETE_FOLDER}"
         )
     if info["unexpected_keys"]:
         logger.warning("%s: %d weights not used by the detector were ignored", folder, len(info["unexpected_keys"]))
     return model
-
-
-def _check_model_type(config_file: Path) -> None:
-    """Raise ModelLoadError unless config_file is JSON describing SAM 3 (the image detector or the video model)."""
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ModelLoadError(f"{config_file} is not a JSON object ({err}); {_COMPLETE_FOLDER}") from err
-    if model_type not in SAM3_MODEL_TYPES:
-        raise ModelLoadError(
-            f"{config_file} describes a {model_type!r} model, not SAM 3 (model_type {' or '.join(SAM3_MODEL_TYPES)}); "
-            f"{_COMPLETE_FOLDER}"
-        )
-
-
-def _check_weights(folder: Path) -> None:
-    """Raise ModelLoadError naming the first missing weights file (single file, index or shard)."""
-    if (folder / WEIGHTS_FILE).is_file():
-        return
-    index = folder / WEIGHTS_INDEX_FILE
-    if not index.is_file():
-        raise ModelLoadError(f"{folder / WEIGHTS_FILE} is missing (and no {WEIGHTS_INDEX_FILE}); {_COMPLETE_FOLDER}")
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError) as err:
-        raise ModelLoadError(f"{index} is not a safetensors index ({err}); {_COMPLETE_FOLDER}") from err
-    for shard in shards:
-        if not (folder / shard).is_file():
-            raise ModelLoadError(f"{folder / shard} is missing (listed in {WEIGHTS_INDEX_FILE}); {_COMPLETE_FOLDER}")
 
 
 @dataclass
@@ -382,12 +336,15 @@ class Sam3Detector(nn.Module):
         prompts = self.encode_prompts(batch.input_ids, batch.attention_mask)
         return self.decode(images, prompts, batch.query_image, batch.query_prompt, with_masks=with_masks)
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, extra_files: Sequence[Callable[[Path], None]] = ()) -> None:
         """Write config.json + model.safetensors (transformers format); `load_model(folder)` reads it back.
 
         Refused (ExportError, nothing written) when a weight holds NaN or infinity: such a model detects nothing,
         and a user must not deploy it. Written atomically: into `<folder>.partial` beside it, then swapped in
         (`sam3.io.replace_folder`), so `folder` is the previous export or the new one, never half of one.
+        `extra_files`: writers called in order with the partial folder after the model is in it and before the swap
+        (`sam3.export` adds the processor and the model card this way), so they are part of the same atomic export;
+        one that raises leaves `folder` as it was.
         """
         folder = Path(folder)
         bad = non_finite_tensors(self.model)
@@ -401,6 +358,8 @@ class Sam3Detector(nn.Module):
         if partial.exists():
             shutil.rmtree(partial)  # a crashed earlier export
         self.model.save_pretrained(partial)
+        for write in extra_files:
+            write(partial)
         replace_folder(partial, folder)
 
 

@@ -127,6 +127,13 @@ def build_optimizer(model: nn.Module, config: OptimConfig, num_vit_blocks: int) 
     return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=fused or None)
 
 
+def schedule_factor(step: int, total_steps: int, config: OptimConfig) -> float:
+    """The schedule's factor at `step` of `total_steps` (`inverse_sqrt_lr` with base 1): each group's lr is its
+    `base_lr` times this. Only the cool-down reads the total, so a run whose length changes keeps its warm-up and
+    decay and gets the cool-down of the new total (`sam3.training.resume`)."""
+    return inverse_sqrt_lr(step, total_steps, 1.0, config.warmup, config.cooldown, config.timescale)
+
+
 def set_lr(
     optimizer: torch.optim.Optimizer, step: int, total_steps: int, config: OptimConfig, scale: float = 1.0
 ) -> None:

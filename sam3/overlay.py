@@ -63,12 +63,17 @@ def font_size(width: int, height: int) -> int:
 
 
 def draw_detections(
-    image: Image.Image, detections: Sequence[Detection], prompts: Sequence[str], legend: bool = True
+    image: Image.Image,
+    detections: Sequence[Detection],
+    prompts: Sequence[str],
+    legend: bool = True,
+    show_scores: bool = True,
 ) -> Image.Image:
     """A new RGB image of the same size: `image` with each detection's mask (if any), box and label drawn on it.
 
     `detections` carry boxes (x0, y0, x1, y1) and bool masks [H, W] in this image's pixels (as `predict_images`
-    returns them) and index into `prompts`.
+    returns them) and index into `prompts`. Labels are "prompt score", or the prompt alone without `show_scores`
+    (ground truth has no score).
     """
     canvas = pil_to_tensor(image.convert("RGB"))  # uint8 [3, H, W]
     ordered = sorted(detections, key=lambda d: d.score)  # lowest first: the best are drawn last, on top
@@ -82,7 +87,7 @@ def draw_detections(
         canvas = draw_bounding_boxes(
             canvas,
             torch.tensor([d.box for d in ordered], dtype=torch.float32),
-            labels=[f"{d.prompt} {d.score:.2f}" for d in ordered],
+            labels=[f"{d.prompt} {d.score:.2f}" if show_scores else d.prompt for d in ordered],
             colors=colours,
             width=max(2, round(min(image.size) / 300)),
             font=_font_file(),

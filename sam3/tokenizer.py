@@ -162,3 +162,15 @@ def attention_mask(ids: torch.Tensor) -> torch.Tensor:
     end_position = is_end.long().argmax(dim=1, keepdim=True)  # first END per row, [n, 1]
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # [1, L]
     return (positions <= end_position).long()
+
+
+def vocabulary() -> tuple[list[str], list[tuple[str, str]]]:
+    """The vocabulary as a BPE tokenizer file holds it (transformers' CLIPTokenizer: vocab.json + merges.txt).
+
+    tokens  [49,408] token strings in id order: 256 byte symbols, the same with "</w>", the 48,894 merges joined,
+            START_TEXT, END_TEXT (open_clip's names of the special tokens; OpenAI's CLIP calls them
+            <|startoftext|> and <|endoftext|>)
+    merges  [48,894] pairs of symbols in rank order (the first merges first)
+    """
+    vocab = _vocabulary()
+    return list(vocab.ids), list(vocab.merge_ranks)  # dicts keep insertion order: id order, rank order

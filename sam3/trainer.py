@@ -16,12 +16,20 @@ Features and the `TrainJob` fields (sam3.config) that turn them on:
 - distributed data parallel from torchrun's environment (NCCL on GPU, gloo on CPU): ddp
 - checkpoints every N steps, at each epoch end and at the end, atomic, resumed automatically:
   loop.checkpoint_every, loop.keep_last, loop.checkpoint_epochs; other params -> a new run
+- a longer (or shorter) loop.max_steps / loop.epochs resumes with the lr schedule recomputed for the new total; a
+  total below the checkpoint's step is a ConfigError (sam3.training.resume)
+- validation every loop.val_every_epochs epochs and at the last step; the best by loop.best_metric kept as
+  checkpoints/best.pt; early stopping after loop.patience validations without improvement; loop.export: the last
+  or the best weights exported (sam3.training.best)
 - divergence guard (roll back, lower lr, go on, up to a limit): guard
 - one trainer per run folder: rank 0 holds run_dir/.lock for the whole run (sam3.run_lock); a second one gets
   RunLocked. On resume a damaged checkpoint (zip CRC mismatch, truncated) is moved to checkpoints/corrupt/ and the
   run goes on from the newest intact one (sam3.checkpoint_integrity)
-- logs: tqdm, TensorBoard, train_stats.jsonl, every loop.log_every steps
-At the end the model is exported in transformers format to run_dir/model (`Sam3Model.from_pretrained` loads it).
+- logs: TensorBoard, train_stats.jsonl, every loop.log_every steps; progress: a tqdm bar with the loss and images/s
+  on a terminal, else a plain line (step/total, loss, lr, images/s, ETA) every loop.log_every steps
+At the end the model (the last or the best weights, loop.export) is exported, self-contained (`sam3.export`: weights,
+class names, processor, tokenizer, model card), to run_dir/model
+(`Sam3Model.from_pretrained` loads it).
 
 A run: setup (sam3.training.setup: seed, model, data, optimiser, criterion, guard), resume or start
 (sam3.training.resume), then the fit loop (sam3.training.fit) or, in mode "val", one validation pass
@@ -35,8 +43,12 @@ from pathlib import Path
 
 import torch
 
+from sam3.checkpoint import TrainState
+from sam3.coco_split import CocoSplit
 from sam3.config import LoopConfig, TrainJob
 from sam3.distributed import DistInfo, barrier, init_distributed
+from sam3.export import ModelCard, export_model
+from sam3.training.best import check_validation_settings, load_export_weights, metric_name
 from sam3.training.ddp import main_rank_lock
 from sam3.training.fit import FitLoop
 from sam3.training.logs import TrainLogs
@@ -52,6 +64,9 @@ logger = logging.getLogger(__name__)
 def train(job: TrainJob) -> Path:
     """Fine-tune as `job` says; return the exported model folder (transformers format), or in mode "val" the
     validation metrics file (run_dir/val_metrics.json) of the resumed model, which trains nothing."""
+    check_validation_settings(job)  # a ConfigError before the run folder is touched
+    if job.loop.threads is not None:
+        torch.set_num_threads(job.loop.threads)
     dist_info = init_distributed(timeout_s=job.ddp.timeout_s)
     if dist_info.device.type == "cuda":
         _set_cuda_backends(job.loop)
@@ -70,18 +85,41 @@ def _run(job: TrainJob, dist_info: DistInfo) -> Path:
     parts = build_run(job, dist_info)
     checkpoints = RunCheckpoints(ckpt_dir, parts, job, dist_info)
     state = resume_or_start(checkpoints)
-    logs = TrainLogs(run_dir, dist_info, job.loop.wandb_project, job.params)
+    logs = TrainLogs(run_dir, dist_info, job.loop.wandb_project, job.params, fresh=state.step == 0)
     if job.loop.mode == "val":  # the reference's "val" mode: evaluate the (resumed) model, train nothing
         logs.close()
         return write_val_metrics(parts.detector, job, dist_info)
-    FitLoop(job, parts, checkpoints, logs, dist_info).run(state)  # closes the logs
+    state = FitLoop(job, parts, checkpoints, logs, dist_info).run(state)  # closes the logs
 
     export_dir = run_dir / "model"
     if dist_info.is_main:
-        parts.detector.save_pretrained(export_dir)
+        # the weights loop.export names, in the model; then the one export call
+        metric = metric_name(job.loop, job.with_masks)
+        load_export_weights(job.loop, checkpoints, state, metric)
+        export_model(parts.detector, export_dir, class_names(job), model_card(job, state, metric))
         logger.info("exported the fine-tuned model to %s", export_dir)
     barrier()
     return export_dir
+
+
+def class_names(job: TrainJob) -> list[str]:
+    """The prompts the run was fine-tuned on, in category-id order: the training annotation file's categories (read
+    from the file, not from the data pipeline, which may be a feature cache)."""
+    categories = CocoSplit.read(job.dataset_dir, "train", job.train_annotations).categories
+    return [categories[i] for i in sorted(categories)]
+
+
+def model_card(job: TrainJob, state: TrainState, metric: str) -> ModelCard:
+    """What the export's model card says about the run: data, starting weights, params, the best validation."""
+    metrics = None
+    if state.best_metric is not None:
+        metrics = {f"best validation {metric} (step {state.best_step})": state.best_metric}
+    return ModelCard(
+        dataset=f"{job.dataset_dir} (train/{job.train_annotations})",
+        base_model=job.model_source,
+        params=job.params,
+        metrics=metrics,
+    )
 
 
 def _set_cuda_backends(loop: LoopConfig) -> None:

@@ -18,7 +18,7 @@ TRAIN_CONCURRENCY = 1  # trainings at once: each one takes every accelerator of 
 IO_RETRIES = 2
 RETRY_DELAY_S = 10
 # the order of the DVC path
-DVC_STAGES = ("validate", "preprocess", "negatives", "cache_features", "train", "evaluate", "aggregate")
+DVC_STAGES = ("check", "validate", "preprocess", "negatives", "cache_features", "train", "evaluate", "aggregate")
 
 
 def _run(command: list[str], cwd: str) -> None:
@@ -26,6 +26,12 @@ def _run(command: list[str], cwd: str) -> None:
 
 
 _IO_RETRY = dict(retries=IO_RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_unless_user_error)
+
+
+@task(name="check", task_run_name="check {label}", cache_policy=NO_CACHE)
+def check(command: list[str], cwd: str, label: str) -> None:
+    """Check the params, the model source and the dataset before any stage replaces its outputs (reads only)."""
+    _run(command, cwd)
 
 
 @task(name="validate", task_run_name="validate {label}", cache_policy=NO_CACHE, **_IO_RETRY)
@@ -72,7 +78,8 @@ def aggregate(command: list[str], cwd: str, label: str) -> None:
     _run(command, cwd)
 
 
-DVC_STAGE_TASKS = (validate, preprocess, negatives, cache_features, train, evaluate, aggregate)  # in DVC_STAGES order
+# in DVC_STAGES order
+DVC_STAGE_TASKS = (check, validate, preprocess, negatives, cache_features, train, evaluate, aggregate)
 
 
 def ensure_train_limit() -> None:

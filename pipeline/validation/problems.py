@@ -1,6 +1,7 @@
 """What validation found: check names, severities, and the `Problem` record the report lists.
 
-A problem of severity `error` quarantines the record it names; a `warning` is only reported.
+A problem of severity `error` quarantines the record it names; a `warning` is only reported; `set_aside` moves
+the record to the quarantine by design, not as a fault of the data (a Roboflow placeholder category).
 Problems sort deterministically: by split (SPLITS order; few-shot files after the splits, by name), table, position
 of the record in its list, check name.
 """
@@ -18,6 +19,7 @@ from sam3.coco import SPLITS
 class Severity(StrEnum):
     ERROR = "error"  # the record is quarantined
     WARNING = "warning"  # reported only; the record stays in the clean dataset
+    SET_ASIDE = "set_aside"  # moved to the quarantine by design (not counted as an error)
 
 
 class Table(StrEnum):
@@ -51,6 +53,7 @@ class Check(StrEnum):
     DEGENERATE_POLYGON_PART = "degenerate_polygon_part"  # warning: some polygons of a mask with area have none
     BOX_POLYGON_MISMATCH = "box_polygon_mismatch"  # bbox and the polygons' bounds overlap by IoU < the threshold
     EMPTY_CATEGORY = "empty_category"  # warning: no valid annotation in any split
+    ROBOFLOW_PLACEHOLDER = "roboflow_placeholder"  # set aside: Roboflow's project-named category, never a prompt
     # across records and splits, on the clean records (across.py): warnings
     CROWDED_PROMPT = "crowded_prompt"  # an image holds more instances of a category than a prompt can take
     CATEGORY_NAME_MISMATCH = "category_name_mismatch"  # one category id, another name than in an earlier split

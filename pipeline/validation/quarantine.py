@@ -1,6 +1,7 @@
 """Decide, record by record, what goes into the clean dataset and what into the quarantine.
 
-- A record with any `error` problem is quarantined; `warning`s keep it.
+- A record with any `error` problem is quarantined, and so is one `set_aside` by design (a Roboflow placeholder
+  category); `warning`s keep it.
 - Duplicate ids: the later records carry the `duplicate_id` problem; the first record with an id keeps it, and
   annotations pointing at that id belong to the first record.
 - An annotation goes with its image only when that image (the first with its image_id) is quarantined
@@ -78,7 +79,8 @@ def partition_split(split: SplitRecords, problems: list[Problem]) -> SplitOutcom
     """Sort `split`'s records by the `problems` found in it (problems of other splits are ignored)."""
     errors: dict[tuple[Table, int], list[Problem]] = defaultdict(list)
     for problem in problems:
-        if problem.split == split.split and problem.severity == Severity.ERROR and problem.index is not None:
+        quarantines = problem.severity in (Severity.ERROR, Severity.SET_ASIDE)
+        if problem.split == split.split and quarantines and problem.index is not None:
             errors[(problem.table, problem.index)].append(problem)
 
     consequences = []

@@ -91,6 +91,10 @@ class Report:
         return [p for p in self.problems if p.severity == Severity.WARNING]
 
     @property
+    def set_aside(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == Severity.SET_ASIDE]
+
+    @property
     def usable(self) -> bool:
         return not self.unusable_reasons
 
@@ -123,7 +127,10 @@ class Report:
             )
         by_check = Counter((str(p.check), str(p.severity)) for p in self.problems)
         for (check, severity), count in sorted(by_check.items()):
-            lines.append(f"{check}: {count} {severity}{'s' if count > 1 else ''}")
+            if severity == Severity.SET_ASIDE:
+                lines.append(f"{check}: {count} record{'s' if count > 1 else ''} set aside")
+            else:
+                lines.append(f"{check}: {count} {severity}{'s' if count > 1 else ''}")
         for label, entry in self.fewshot.items():
             source = "from the dataset" if entry["source"] == FROM_DATASET else "generated (not in the dataset)"
             lines.append(f"{label}: {source}, {entry['images']} images, {entry['annotations']} annotations")

@@ -1,5 +1,5 @@
-"""DistributedDataParallel for the trainer: wrapping the model, loss values averaged over ranks, and the run
-folder's lock taken by rank 0 for all ranks.
+"""DistributedDataParallel for the trainer: wrapping the model, loss values averaged over ranks, rank 0's validation
+metric shared, and the run folder's lock taken by rank 0 for all ranks.
 
 Every rank must take the same decisions (divergence guard) and rank 0 logs the global batch's terms, so losses are
 all-reduced: a rank's term is its share S_r / N of the global sum (N: the normaliser averaged over ranks,
@@ -58,6 +58,16 @@ def global_means(terms: dict[str, torch.Tensor], dist_info: DistInfo) -> dict[st
     stacked = torch.stack([value.detach().float() for value in terms.values()])
     torch.distributed.all_reduce(stacked)
     return dict(zip(terms, stacked / dist_info.world_size, strict=True))
+
+
+def from_main_rank(value: float | None, dist_info: DistInfo) -> float | None:
+    """Rank 0's `value` on every rank (one broadcast): a validation metric, which rank 0 alone computes, must lead
+    every rank to the same best-checkpoint and early-stopping decisions."""
+    if not dist_info.enabled:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextlib.contextmanager

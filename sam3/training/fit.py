@@ -7,9 +7,12 @@ while step < total_steps:                              # `FitLoop.run`
         train_step(...)                                # sam3.engine: forward, loss, backward, clip, step
         the guard reads the loss averaged over ranks: on a non-finite loss or a spike, roll back to the newest
             checkpoint (lower lr) and start the epoch loop again from its step
-        step += 1; every log_every steps: log; every checkpoint_every steps, at an epoch's end and at the
-            end: checkpoint; at every val_every_epochs-th epoch's end: validate
-    until the epoch's or the run's last step
+        step += 1; the progress bar or line (sam3.training.progress); every log_every steps: log
+        at every val_every_epochs-th epoch's end and at the last step: validate, count it for the best checkpoint
+            and early stopping, write best.pt on a new best (sam3.training.best)
+        every checkpoint_every steps, at an epoch's end, at the end and when stopping early: checkpoint (after the
+            validation of the same step, so the checkpoint carries its counters)
+    until the epoch's or the run's last step, or early stopping (train.patience)
 """
 
 from __future__ import annotations
@@ -23,16 +26,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from sam3.checkpoint import TrainState, epoch_checkpoint_name
+from sam3.coco import split_annotation_path
 from sam3.config import TrainJob
 from sam3.distributed import DistInfo, barrier
 from sam3.engine import StepResult, train_step
 from sam3.features import CachedDetector
 from sam3.optim import set_lr
-from sam3.training.ddp import global_mean, global_means, wrap_ddp
-from sam3.training.logs import TrainLogs, open_progress
+from sam3.training.best import metric_name, record_validation, stop_reason
+from sam3.training.ddp import from_main_rank, global_mean, global_means, wrap_ddp
+from sam3.training.logs import TrainLogs
+from sam3.training.progress import Progress
 from sam3.training.resume import RunCheckpoints
 from sam3.training.setup import RunParts
 from sam3.training.validation import validate
+
+# the validation metrics logged (those the pass computes): box AP, mask AP in segmentation mode, SA-Co cgF1
+LOGGED_METRICS = ("bbox_AP", "segm_AP", "cgF1")
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,11 @@ class FitLoop:
         self.checkpoints, self.logs, self.dist_info = checkpoints, logs, dist_info
         self.device = dist_info.device
         self.validate_every = self.loop.val_every_epochs if self.loop.mode == "train" else 0
+        self.metric = metric_name(self.loop, job.with_masks)
+        valid = split_annotation_path(job.dataset_dir, "valid")
+        if self.validate_every and not valid.is_file():  # the same verdict on every rank: the same file system
+            logger.warning("%s not found: no validation in this run", valid)
+            self.validate_every = 0
         detector = parts.detector
         self.model = wrap_ddp(CachedDetector(detector) if job.cache.enabled else detector, job.ddp, dist_info)
         self.loader = DataLoader(
@@ -63,20 +77,30 @@ class FitLoop:
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.loop.num_workers > 0,
         )
-        self.progress = None
+        self.progress: Progress | None = None
         self.started, self.images_seen = 0.0, 0
 
     def run(self, state: TrainState) -> TrainState:
-        """Train from `state` to parts.total_steps; the state after the last step."""
-        self.progress = open_progress(self.parts.total_steps, state.step, self.dist_info)
+        """Train from `state` to parts.total_steps, or until early stopping; the state after the last step."""
+        reason = self._stop_reason(state)
+        if reason is not None:  # a resumed run that had stopped early stays stopped
+            logger.info(
+                "the run stopped early at step %d: %s; nothing to train (raise train.patience, or set it 0, to go on)",
+                state.step,
+                reason,
+            )
+        self.progress = Progress(self.parts.total_steps, state.step, self.loop.log_every, self.dist_info.is_main)
         self.started, self.images_seen = time.perf_counter(), 0
         try:  # close the bar and the logs on any exit, so an error message starts on a line of its own
-            while state.step < self.parts.total_steps:
+            while state.step < self.parts.total_steps and self._stop_reason(state) is None:
                 state = self._epoch(state)
         finally:
             self.progress.close()
             self.logs.close()
         return state
+
+    def _stop_reason(self, state: TrainState) -> str | None:
+        return stop_reason(state, self.loop.patience, self.metric)
 
     def _epoch(self, state: TrainState) -> TrainState:
         """Steps from `state` to the end of its epoch or of the run; after a rollback, the checkpoint's state."""
@@ -90,11 +114,14 @@ class FitLoop:
                 continue
             result = self._step(state.step, micro)
             micro = []
-            reason = parts.guard.check(global_mean(result.loss, self.dist_info), step=state.step)
+            loss = global_mean(result.loss, self.dist_info)  # the host sync the guard needs anyway
+            reason = parts.guard.check(loss, step=state.step)
             if reason is not None:
                 return self._roll_back(state.step, reason)
-            state = self._after_step(state, epoch, result)
+            state = self._after_step(state, epoch, result, loss)
             if state.step >= parts.total_steps or state.epoch_step == parts.steps_per_epoch:
+                return state
+            if self._stop_reason(state) is not None:
                 return state
         if micro:
             logger.info("epoch %d: %d trailing micro-batches left out of the last step", epoch, len(micro))
@@ -130,38 +157,46 @@ class FitLoop:
         self.logs.event({"step": step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
         # the guard's own state (rollback count) is NOT restored from the checkpoint
         state = self.checkpoints.load(back)
-        self.progress.n = state.step  # the bar goes back with the run
-        self.progress.refresh()
+        self.progress.back_to(state.step)
         return state
 
-    def _after_step(self, state: TrainState, epoch: int, result: StepResult) -> TrainState:
-        """The state after a good step of `epoch`; log, checkpoint and validate when their turn has come."""
+    def _after_step(self, state: TrainState, epoch: int, result: StepResult, loss: float) -> TrainState:
+        """The state after a good step of `epoch` with this `loss`; log, validate and checkpoint when their turn has
+        come."""
         loop, parts = self.loop, self.parts
-        epoch_step = state.step + 1 - epoch * parts.steps_per_epoch
-        state = TrainState(step=state.step + 1, epoch=epoch, epoch_step=epoch_step, best_metric=state.best_metric)
-        self.progress.update(1)
-        if state.step % loop.log_every == 0 or state.step == parts.total_steps:
+        step = state.step + 1
+        epoch_step = step - epoch * parts.steps_per_epoch
+        state = replace(state, step=step, epoch=epoch, epoch_step=epoch_step)
+        last, end_of_epoch = step == parts.total_steps, epoch_step == parts.steps_per_epoch
+        images_per_s = self.images_seen / (time.perf_counter() - self.started)
+        self.progress.step(step, loss, max(group["lr"] for group in parts.optimizer.param_groups), images_per_s)
+        if step % loop.log_every == 0 or last:
             # every rank joins the all_reduce of the terms; rank 0 writes them
             result = replace(result, terms=global_means(result.terms, self.dist_info))
-            images_per_s = self.images_seen / (time.perf_counter() - self.started)
-            self.logs.step(state.step, result, parts.optimizer, images_per_s, self.device)
-        end_of_epoch = epoch_step == parts.steps_per_epoch
-        if state.step % loop.checkpoint_every == 0 or state.step == parts.total_steps or end_of_epoch:
+            self.logs.step(step, result, parts.optimizer, images_per_s, self.device)
+        if self.validate_every and (last or (end_of_epoch and (epoch + 1) % self.validate_every == 0)):
+            self._validate(state)
+        stopping = self._stop_reason(state) is not None
+        if step % loop.checkpoint_every == 0 or last or end_of_epoch or stopping:
             self.checkpoints.save(state)
             if end_of_epoch and epoch + 1 in loop.checkpoint_epochs:
                 self.checkpoints.save(state, epoch_checkpoint_name(epoch + 1))
             barrier()  # a rollback on any rank must find this file complete
-        if end_of_epoch and self.validate_every and (epoch + 1) % self.validate_every == 0:
-            self._validate(state)
         return state
 
     def _validate(self, state: TrainState) -> None:
-        """Log the validation AP (and cgF1) at `state.step`; keep the best AP in `state.best_metric`."""
-        metrics = validate(self.parts.detector, self.job, self.device, self.dist_info)
-        if metrics is None:
-            return
-        key = "segm_AP" if self.job.with_masks else "bbox_AP"
-        self.logs.scalars(state.step, {f"val/{k}": metrics[k] for k in (key, "cgF1") if k in metrics})
-        if metrics.get(key) is not None:
-            best = state.best_metric
-            state.best_metric = metrics[key] if best is None else max(best, metrics[key])
+        """Validate at `state.step`: log the metrics, count the validation into `state`'s best and patience counters
+        (sam3.training.best), write best.pt on a new best, and say when the run stops early."""
+        metrics = validate(self.parts.detector, self.job, self.device, self.dist_info)  # rank 0's; None elsewhere
+        value = from_main_rank(metrics.get(self.metric) if metrics else None, self.dist_info)
+        if record_validation(state, value, self.metric):
+            self.checkpoints.save_best(state)
+        if metrics is not None:
+            logged = {f"val/{key}": metrics[key] for key in LOGGED_METRICS if key in metrics}
+            self.logs.scalars(
+                state.step, {**logged, "val/best": state.best_metric, "val/since_best": state.validations_since_best}
+            )
+        reason = self._stop_reason(state)
+        if reason is not None and state.step < self.parts.total_steps:
+            logger.info("early stopping at step %d of %d: %s", state.step, self.parts.total_steps, reason)
+            self.logs.event({"step": state.step, "event": "early_stop", "reason": reason})

@@ -1,10 +1,16 @@
 """What a run writes as it trains, from rank 0 only: TensorBoard scalars, train_stats.jsonl (one JSON object per
-line: a step's loss terms, grad norm, lr per component, images/s, peak memory; rollback events; validation
-metrics), optionally Weights & Biases, and the tqdm progress bar."""
+line: a step's loss terms, grad norm, lr per component, images/s, peak memory; rollback and early-stop events;
+validation metrics with the best value so far), optionally Weights & Biases. The progress bar or line is
+`sam3.training.progress`.
+
+A resumed run appends to its logs; a run that starts at step 0 first moves an earlier run's logs aside
+(train_stats.superseded.jsonl, tensorboard.superseded/, replacing older ones), so each file holds one run."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,24 +20,35 @@ from sam3.engine import StepResult
 from sam3.errors import ConfigError
 
 
-def open_progress(total: int, done: int, dist_info: DistInfo):
-    """The tqdm bar of the optimiser steps, starting at `done` (shown on rank 0 only)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc="train", unit="step", disable=not dist_info.is_main)
+def _set_aside(path: Path, aside: Path) -> None:
+    """Move an earlier run's log `path` (file or folder) to `aside`, replacing what was there."""
+    if not path.exists():
+        return
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
 
 
 class TrainLogs:
     """TensorBoard scalars, train_stats.jsonl and optionally Weights & Biases, written by rank 0 only."""
 
     def __init__(
-        self, run_dir: Path, dist_info: DistInfo, wandb_project: str | None = None, params: dict | None = None
+        self,
+        run_dir: Path,
+        dist_info: DistInfo,
+        wandb_project: str | None = None,
+        params: dict | None = None,
+        fresh: bool = False,
     ):
         self.enabled = dist_info.is_main
         self.wandb = None
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+
+        if fresh:
+            _set_aside(run_dir / "train_stats.jsonl", run_dir / "train_stats.superseded.jsonl")
+            _set_aside(run_dir / "tensorboard", run_dir / "tensorboard.superseded")
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self.jsonl = (run_dir / "train_stats.jsonl").open("a", encoding="utf-8")

@@ -1,9 +1,18 @@
 """A run's checkpoints, and where a run starts: resumed from its newest checkpoint, or anew.
 
 A run folder holds one run. `resume_or_start` resumes from the newest checkpoint when it was made with the same
-run-defining params (`changed_params`); a checkpoint of other params is set aside as superseded.pt, never resumed
-(a DVC re-run after a param change must train anew). A fresh run saves step 0 first: the first "last good" state
-the divergence guard can roll back to.
+run-defining params (`changed_params`); a checkpoint of other params is set aside as superseded.pt (and an earlier
+run's best.pt as superseded_best.pt), never resumed (a DVC re-run after a param change must train anew). A fresh run
+saves step 0 first: the first "last good" state the divergence guard can roll back to.
+
+The run's length (train.max_steps, or train.epochs x steps per epoch) is not run-defining: the steps already done
+are the same whatever the total, except for the schedule's cool-down, which reads the total (`sam3.optim`). So a
+longer (or shorter) total than the checkpoint's resumes it and the lr schedule of every further step is computed
+for the new total (said in the log); the cool-down of the steps already done stays what it was, so an extended run
+is not bitwise the run that had the longer total from the start when optim.cooldown > 0. A total below the
+checkpoint's step is refused with a ConfigError before any training (a run is not shortened after the fact): set
+the total to at least that step to go on (exactly that step: the checkpoint is exported as it is), or move the
+checkpoints folder away to train the shorter run anew.
 
 Only intact checkpoints are resumed (or rolled back to): `latest()` verifies the CRC-32 of every record of the
 newest file (`sam3.checkpoint_integrity`), and rank 0 moves a damaged, truncated or unreadable one to
@@ -14,13 +23,16 @@ same files without moving them: the verdict depends only on the file's bytes, so
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 
-from sam3.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from sam3.checkpoint import BEST_CHECKPOINT, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from sam3.config import TrainJob
 from sam3.distributed import DistInfo, barrier
+from sam3.errors import ConfigError
+from sam3.optim import schedule_factor
 from sam3.training.setup import RunParts
 
 logger = logging.getLogger(__name__)
@@ -36,6 +48,12 @@ _RESUME_IGNORED = {
     "train.checkpoint_epochs",
     "train.activation_checkpointing",  # same values, less memory
     "train.compile",  # same values, other kernels
+    "train.patience",  # when to stop, read anew on resume (sam3.training.best): a stopped run goes on if raised
+    "train.export",  # which weights the export takes, read at the end
+    "train.threads",  # how the same steps are computed on the CPU (round-off differs, the run does not)
+    # the run's length: resumed with the schedule recomputed for the new total (module docstring)
+    "train.max_steps",
+    "train.epochs",
 }
 
 
@@ -46,17 +64,29 @@ class RunCheckpoints:
     def __init__(self, folder: Path, parts: RunParts, job: TrainJob, dist_info: DistInfo):
         self.folder, self.parts, self.job, self.dist_info = folder, parts, job, dist_info
 
+    @property
+    def best_path(self) -> Path:
+        return self.folder / BEST_CHECKPOINT
+
     def save(self, state: TrainState, name: str | None = None) -> None:
         """Checkpoint `state` as step_<step>.pt (keeping train.keep_last of those), or as `name`, kept for good."""
+        self._save(state, name, with_optimizer=True)
+
+    def save_best(self, state: TrainState) -> None:
+        """The model's weights as best.pt (no optimiser state: it is exported, never resumed); never rotated."""
+        self._save(state, BEST_CHECKPOINT, with_optimizer=False)
+
+    def _save(self, state: TrainState, name: str | None, with_optimizer: bool) -> None:
         if not self.dist_info.is_main:
             return
         parts = self.parts
         state.guard = parts.guard.state_dict()
+        state.total_steps = parts.total_steps
         save_checkpoint(
             self.folder,
             state.step,
             parts.detector.model,
-            parts.optimizer,
+            parts.optimizer if with_optimizer else None,
             None,
             parts.scaler,
             state,
@@ -74,20 +104,34 @@ class RunCheckpoints:
         state, _, _ = load_checkpoint(path, self.parts.detector.model, self.parts.optimizer, self.parts.scaler)
         return state
 
+    def load_weights(self, path: Path) -> TrainState:
+        """Only the model's weights from `path` (the RNGs left alone); its train state."""
+        state, _, _ = load_checkpoint(path, self.parts.detector.model, restore_rng=False)
+        return state
+
 
 def resume_or_start(checkpoints: RunCheckpoints) -> TrainState:
-    """The state the run goes on from: the newest checkpoint's (guard state included), or step 0, saved."""
+    """The state the run goes on from: the newest checkpoint's (guard state and validation counters included), or
+    step 0, saved. ConfigError, before anything is trained or written, when the run's total is below the newest
+    checkpoint's step (module docstring)."""
     resume_from = checkpoints.latest()
-    if resume_from is not None and _params_changed(resume_from, checkpoints.job.params):
-        if checkpoints.dist_info.is_main:
-            _set_aside(checkpoints.folder, resume_from)
-        barrier()
-        resume_from = None
+    if resume_from is not None:
+        stored = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
+        if _params_changed(resume_from, stored.get("params") or {}, checkpoints.job.params):
+            if checkpoints.dist_info.is_main:
+                _set_aside(checkpoints.folder, resume_from)
+            barrier()
+            resume_from = None
+        else:
+            _refuse_shortening(resume_from, stored["train_state"]["step"], checkpoints)
     if resume_from is not None:
         state = checkpoints.load(resume_from)
         checkpoints.parts.guard.load_state_dict(state.guard)
         logger.info("resumed from %s at step %d", resume_from, state.step)
+        _say_length_change(state, checkpoints)
     else:
+        if checkpoints.dist_info.is_main and checkpoints.best_path.is_file():
+            _set_aside_best(checkpoints.best_path)  # an earlier run's best must not be exported as this run's
         state = TrainState()
         checkpoints.save(state)
     barrier()
@@ -106,8 +150,44 @@ def changed_params(stored: dict, current: dict) -> list[str]:
     return changes
 
 
-def _params_changed(checkpoint: Path, params: dict) -> bool:
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("params") or {}
+def _refuse_shortening(path: Path, step: int, checkpoints: RunCheckpoints) -> None:
+    """ConfigError when the run's total is below `step`, the step of its newest checkpoint `path`."""
+    total, loop = checkpoints.parts.total_steps, checkpoints.job.loop
+    if step <= total:
+        return
+    if loop.max_steps:
+        given, enough = f"train.max_steps = {loop.max_steps}", f"train.max_steps >= {step}"
+    else:
+        given = f"train.epochs = {loop.epochs} ({total} steps)"
+        enough = f"train.epochs >= {math.ceil(step / checkpoints.parts.steps_per_epoch)}"
+    raise ConfigError(
+        f"{given} is below step {step} of the run's newest checkpoint {path}: a run is not shortened after the "
+        f"fact; set {enough} to go on (step {step} exactly: export that checkpoint as it is), or move {path.parent} "
+        f"away to train a new run of {total} steps"
+    )
+
+
+def _say_length_change(state: TrainState, checkpoints: RunCheckpoints) -> None:
+    """Log that the run's total changed since `state` was saved, and the schedule factor it now gets."""
+    old, new = state.total_steps, checkpoints.parts.total_steps
+    if old is None or old == new:  # None: a checkpoint from before the field, its total unknown
+        return
+    optim = checkpoints.job.optim
+    logger.info(
+        "the run's length changed from %d to %d steps (train.max_steps / train.epochs): resuming at step %d with "
+        "the lr schedule recomputed for %d steps (lr x %.4g of the base rates at step %d; x %.4g under the old %d)",
+        old,
+        new,
+        state.step,
+        new,
+        schedule_factor(state.step, new, optim),
+        state.step,
+        schedule_factor(state.step, old, optim),
+        old,
+    )
+
+
+def _params_changed(checkpoint: Path, stored: dict, params: dict) -> bool:
     if not stored or not params:
         return False
     changes = changed_params(stored, params)
@@ -126,3 +206,10 @@ def _set_aside(ckpt_dir: Path, newest: Path) -> None:
     for old in ckpt_dir.glob("step_*.pt"):
         old.unlink()
     logger.warning("previous run's newest checkpoint kept as %s", ckpt_dir / "superseded.pt")
+
+
+def _set_aside_best(best: Path) -> None:
+    """Keep an earlier run's best.pt as superseded_best.pt, out of the way of this run's."""
+    kept = best.with_name("superseded_best.pt")
+    best.replace(kept)
+    logger.warning("an earlier run's best checkpoint %s kept as %s", best, kept)

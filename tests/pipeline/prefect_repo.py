@@ -26,7 +26,14 @@ EVERYWHERE_IGNORED = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ru
 TINY = {
     "preprocess": {"size": IMAGE_SIZE, "workers": 1},
     "model": {"source": "tiny", "image_size": IMAGE_SIZE},
-    "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 100, "log_every": 1, "amp_dtype": "none"},
+    "train": {
+        "max_steps": 2,
+        "batch_size": 2,
+        "checkpoint_every": 100,
+        "log_every": 1,
+        "amp_dtype": "none",
+        "val_every_epochs": 0,
+    },  # fmt: skip
     "launcher": {"kind": "local", "nodes": 1, "gpus_per_node": 1},
 }
 

@@ -25,7 +25,8 @@ RUNNING = re.compile(r"^Running stage '([^']+)':", re.MULTILINE)
 UP_TO_DATE = "Data and pipelines are up to date."
 # The stages a train param feeds: train itself and evaluate, which reads train's model out.
 TRAIN_AND_AFTER = ["train", "evaluate"]
-METRICS_FILE = "reports/demo/metrics.json"
+METRICS_FILE = "reports/demo/metrics.json"  # every detail of the evaluation
+SUMMARY_FILE = "reports/summary.json"  # the run's headline metrics: what DVC shows and diffs
 
 
 def run(repo: Path, *command: str) -> str:
@@ -90,7 +91,9 @@ def test_dvc_repro_runs_each_stage_once_and_reruns_only_what_a_param_change_affe
         dvc(repo, "init", "-q")
     git_commit(repo, "pipeline code and tiny params")
     stages = list(yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
-    assert stages == ["demo_data", "validate", "preprocess", "negatives", "cache_features", "train", "evaluate"]
+    assert stages == [
+        "demo_data", "check", "validate", "preprocess", "negatives", "cache_features", "train", "evaluate"
+    ]  # fmt: skip
 
     # (1) A fresh repository: every stage runs, once, in dependency order (a chain here), and leaves its outs.
     first = dvc(repo, "repro")
@@ -102,12 +105,13 @@ def test_dvc_repro_runs_each_stage_once_and_reruns_only_what_a_param_change_affe
     off = json.loads((repo / "data/features/demo/manifest.json").read_text(encoding="utf-8"))
     assert off == {"format": 1, "enabled": False}
     assert [p.name for p in (repo / "data/features/demo").iterdir()] == ["manifest.json"]
-    for out in ("runs/demo/model", "runs/demo/train_stats.jsonl", METRICS_FILE, "reports/demo/report.md"):
+    for out in ("runs/demo/model", "runs/demo/train_stats.jsonl", METRICS_FILE, SUMMARY_FILE, "reports/demo/report.md"):
         assert (repo / out).exists(), f"{out} missing after `dvc repro`:\n{first}"
     steps = [json.loads(line)["step"] for line in (repo / "runs/demo/train_stats.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # train.max_steps 2
     git_commit(repo, "first repro")
     lock_before = locked_stages(repo)
+    checked = (repo / "reports/demo/check.json").read_bytes()
 
     # (2) Nothing changed: nothing runs, every stage is skipped.
     second = dvc(repo, "repro")
@@ -116,25 +120,33 @@ def test_dvc_repro_runs_each_stage_once_and_reruns_only_what_a_param_change_affe
     for stage in stages:
         assert f"Stage '{stage}' didn't change, skipping" in second, second
 
-    # (3) One train param changed: train and evaluate run again, the data stages are skipped and keep their lock.
+    # (3) One train param changed: check (it reads every param) writes the same file, so the data stages are
+    # skipped and keep their lock; train and evaluate run again.
     params["train"]["max_steps"] = 3
     params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     third = dvc(repo, "repro")
-    assert stages_run(third) == TRAIN_AND_AFTER, third
+    assert stages_run(third) == ["check", *TRAIN_AND_AFTER], third
+    assert (repo / "reports/demo/check.json").read_bytes() == checked
     lock_after = locked_stages(repo)
-    data_stages = [stage for stage in stages if stage not in TRAIN_AND_AFTER]
+    data_stages = [stage for stage in stages if stage not in ["check", *TRAIN_AND_AFTER]]
     assert {s: lock_after[s] for s in data_stages} == {s: lock_before[s] for s in data_stages}
     assert lock_after["train"]["params"]["params.yaml"]["train"]["max_steps"] == 3
     steps = [json.loads(line)["step"] for line in (repo / "runs/demo/train_stats.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]  # train.max_steps 3, from step 1: a changed train param starts a new run, no resume
-    assert (repo / "runs/demo/checkpoints/superseded.pt").is_file()  # the persisted step-2 checkpoint, set aside
+    # a longer run goes on from its step-2 checkpoint (checkpoints persist) and its log (not a DVC output)
+    assert steps == [1, 2, 3]
+    assert "the run's length changed from 2 to 3 steps" in third
+    assert not (repo / "runs/demo/checkpoints/superseded.pt").exists()
     assert out_hash(lock_after, "train", "runs/demo/model") != out_hash(lock_before, "train", "runs/demo/model")
 
-    # (4) `dvc metrics show` prints the evaluate stage's bbox_AP (rounded to DVC's default 5 digits).
+    # (4) `dvc metrics show` prints the run's summary (rounded to DVC's default 5 digits): the evaluation's bbox_AP
+    # and the training's steps; `dvc metrics diff` compares it with the last commit's run.
     bbox_ap = json.loads((repo / METRICS_FILE).read_text(encoding="utf-8"))["bbox_AP"]
     table = metrics_table(dvc(repo, "metrics", "show"))
-    assert table["Path"] == METRICS_FILE
+    assert table["Path"] == SUMMARY_FILE
     assert float(table["bbox_AP"]) == pytest.approx(bbox_ap, abs=5e-6)
+    assert table["steps"] == "3"
+    diff = dvc(repo, "metrics", "diff", "--json")
+    assert json.loads(diff)[SUMMARY_FILE]["steps"] == {"old": 2, "new": 3, "diff": 1}
 
     # Left clean: every stage's deps, params and outs match dvc.lock.
     assert json.loads(dvc(repo, "status", "--json")) == {}

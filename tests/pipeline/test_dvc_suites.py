@@ -232,7 +232,7 @@ def test_odinw13_suite_trains_each_seed_on_its_fewshot_file_and_aggregates_over_
     first_repro = dvc(repo, "repro", "suites/odinw13/dvc.yaml")
     ran = stages_run(first_repro)
     stage = "suites/odinw13/dvc.yaml:{}@{}".format
-    expected = [stage(s, n) for s in ("validate", "preprocess", "negatives") for n in names]
+    expected = [stage(s, n) for s in ("check", "validate", "preprocess", "negatives") for n in names]
     per_seed = ("cache_features", "train", "evaluate")
     expected += [stage(s, f"{n}-{seed}") for s in per_seed for n in names for seed in seeds]
     expected += [stage("aggregate", "odinw13")]
@@ -277,7 +277,10 @@ def test_odinw13_suite_trains_each_seed_on_its_fewshot_file_and_aggregates_over_
     # on: Raccoon seed 3 caches its shipped 1-image file and trains from it
     enable_cache(repo)
     cached = dvc(repo, "repro", stage("train", "Raccoon-3"))
-    assert stages_run(cached) == [stage("cache_features", "Raccoon-3"), stage("train", "Raccoon-3")], cached
+    # check reads every param: it re-runs, writes the same file, and only the cache and train follow
+    assert stages_run(cached) == [
+        stage("check", "Raccoon"), stage("cache_features", "Raccoon-3"), stage("train", "Raccoon-3")
+    ], cached  # fmt: skip
     manifest = cache_manifest(repo, "data/suites/odinw13/Raccoon/features/seed3")
     assert manifest["enabled"] and [e["image_id"] for e in manifest["splits"]["train"]] == [first]
     assert manifest["key"]["data"]["train"] == hashlib.sha256((repo / shipped_clean).read_bytes()).hexdigest()
@@ -300,7 +303,7 @@ def test_rf100vl_suite_runs_every_dataset_and_aggregates_per_domain(tmp_path, mo
     git_commit(repo, "code, data and the rf100vl suite's datasets")
 
     first = dvc(repo, "repro", "suites/rf100vl/dvc.yaml")
-    stages = ("validate", "preprocess", "negatives", "cache_features", "train", "evaluate")
+    stages = ("check", "validate", "preprocess", "negatives", "cache_features", "train", "evaluate")
     expected = [f"suites/rf100vl/dvc.yaml:{stage}@{name}" for stage in stages for name in names]
     assert sorted(stages_run(first)) == sorted([*expected, "suites/rf100vl/dvc.yaml:aggregate@rf100vl"]), first
     assert first.count("2 training images (2 per process)") == 3  # train_flags reached every train stage
@@ -324,7 +327,7 @@ def test_rf100vl_suite_runs_every_dataset_and_aggregates_per_domain(tmp_path, mo
     enable_cache(repo)
     target = "suites/rf100vl/dvc.yaml:{}@bone-fracture".format
     cached = dvc(repo, "repro", target("train"))
-    assert stages_run(cached) == [target("cache_features"), target("train")], cached
+    assert stages_run(cached) == [target("check"), target("cache_features"), target("train")], cached
     assert len(cache_manifest(repo, features)["splits"]["train"]) == 4  # the dataset's 4 training images
     assert f"training from the feature cache {features}" in cached
     assert "2 training images (2 per process)" in cached

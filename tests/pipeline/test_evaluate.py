@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -39,8 +40,17 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def test_segmentation_writes_metrics_predictions_and_plots(shapes, tmp_path, capsys):
-    out, plots = tmp_path / "eval" / "metrics.json", tmp_path / "plots"
-    args = parse("--model", "tiny", "--dataset", shapes, "--out", out, "--mode", "segmentation", "--plots-dir", plots)
+    out, plots = tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "plots"
+    stats, summary_file = tmp_path / "train_stats.jsonl", tmp_path / "summary.json"
+    losses = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0]  # steps 10..70; the summary's loss is the mean of the last 5: 5.0
+    lines = [{"step": 10 * (k + 1), "loss": loss, "images_per_s": 2.0 + k} for k, loss in enumerate(losses)]
+    lines.insert(3, {"step": 35, "event": "rollback", "reason": "spike", "lr_multiplier": 0.5})
+    lines.append({"step": 70, "val/bbox_AP": 0.25})
+    stats.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = parse(
+        "--model", "tiny", "--dataset", shapes, "--out", out, "--mode", "segmentation", "--plots-dir", plots,
+        "--summary", summary_file, "--train-stats", stats,
+    )  # fmt: skip
     assert evaluate.run(args) == 0
 
     text = out.read_text()
@@ -53,7 +63,25 @@ def test_segmentation_writes_metrics_predictions_and_plots(shapes, tmp_path, cap
     assert set(metrics["segm_AP_per_category"]) == set(CATEGORY_NAMES)
     # 9 prompts x 16 queries = 144 candidates per image, the best 100 kept; 2 images x 9 prompts = 18 SA-Co pairs
     assert (metrics["num_images"], metrics["num_predictions"], metrics["num_pairs"]) == (2, 200, 18)
-    assert "baseline" not in metrics and not (out.parent / evaluate.REPORT_FILE).exists()
+    assert "baseline" not in metrics
+    report = (out.parent / evaluate.REPORT_FILE).read_text()  # the model's table alone, and the figures
+    assert "| metric | model: tiny |" in report and "| segm_AP |" in report
+    for name in ("pr_curve.png", "per_category_ap.png", "predictions.png"):
+        assert f"](plots/{name})" in report
+        with Image.open(plots / name) as image:  # a real PNG a person can open
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 200
+    summary = json.loads(summary_file.read_text())
+    assert summary == {
+        "bbox_AP": metrics["bbox_AP"],
+        "bbox_AP50": metrics["bbox_AP50"],
+        "segm_AP": metrics["segm_AP"],
+        "segm_AP50": metrics["segm_AP50"],
+        "cgF1": metrics["cgF1"],
+        "IL_MCC": metrics["IL_MCC"],
+        "pmF1": metrics["pmF1"],
+        "steps": 70,
+        "train_loss": 5.0,
+    }  # no images/s: it differs from machine to machine, and the summary is committed
 
     predictions = json.loads((out.parent / evaluate.PREDICTIONS_FILE).read_text())
     assert len(predictions) == 200

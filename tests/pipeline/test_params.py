@@ -55,12 +55,43 @@ def test_override_sets_typed_value(tmp_path):
         (["train.batch_size=0"], "params: train.batch_size must be >= 1"),
         (["cache.enabled=true"], "params: cache.enabled needs a frozen vision encoder, but train.freeze is 'none'"),
         (["size=3"], "expected section.key=value"),
+        (["train.max_steps=0"], "params: train.max_steps must be >= 1 (null: train.epochs decide)"),
+        (["train.log_every=0"], "params: train.log_every must be >= 1"),
+        (["train.export=best"], "params: train.export = 'best' needs validation: set train.val_every_epochs >= 1"),
+        (["train.export=newest"], "train.export = 'newest': must be one of 'last', 'best'"),
+        (["train.patience=3"], "params: train.patience = 3 needs validation: set train.val_every_epochs >= 1"),
+        (["train.patience=-1"], "params: train.patience = -1: must be >= 0 (0 or null: no early stopping)"),
+        (
+            ["train.val_every_epochs=1", "train.best_metric=segm_AP"],
+            "params: train.best_metric = 'segm_AP' needs model.mode segmentation",
+        ),
+        (["train.best_metric=mAP"], "train.best_metric = 'mAP': must be one of 'auto', 'bbox_AP', 'segm_AP', 'cgF1'"),
     ],
 )
 def test_bad_params_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_params(None, overrides)
     assert message in str(err.value)
+
+
+def test_validation_driven_settings_load_when_validation_is_on():
+    train = load_params(
+        None,
+        [
+            "train.val_every_epochs=2",
+            "train.patience=3",
+            "train.export=best",
+            "train.best_metric=segm_AP",
+            "model.mode=segmentation",
+        ],
+    ).train
+    assert (train.patience, train.export, train.best_metric) == (3, "best", "segm_AP")
+    # the defaults: no early stopping, the last weights exported, the mode's AP
+    assert load_params(REPO / "params.yaml").train.patience == 0
+    assert (Params().train.patience, Params().train.export, Params().train.best_metric) == (0, "last", "auto")
+    assert load_params(None, ["train.patience=null"]).train.patience is None  # also off
+    # mode val trains and exports nothing: a params file set up for the best export still evaluates
+    assert load_params(None, ["train.mode=val", "train.export=best", "train.patience=3"]).train.mode == "val"
 
 
 def test_bad_yaml_file(tmp_path):

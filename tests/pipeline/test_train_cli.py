@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from pipeline.cli import main
 from pipeline.params import load_params, to_dict
+from pipeline.shapes_data import CATEGORY_NAMES
 from sam3.checkpoint import TrainState, latest_checkpoint, save_checkpoint, step_checkpoint_name
 from sam3.coco import ANNOTATIONS_FILE, load_coco, save_coco
 from sam3.features import write_disabled
@@ -44,6 +46,7 @@ SMALL = [
     "optim.lr_vision=1.0e-3",
     "optim.lr_text=1.0e-3",
     "optim.warmup=0",
+    "train.val_every_epochs=0",  # params.yaml's demo validates; these runs check other things
 ]
 
 
@@ -81,6 +84,7 @@ def test_dry_run_prints_the_resolved_params_and_trains_nothing(shapes, tmp_path,
         ("trian.seed=1", "unknown key trian; did you mean train?"),
         ("train.freeze=decoder", "train.freeze = 'decoder': must be one of 'none', 'vision', 'vision_text', 'heads'"),
         ("train.batch_size=two", "train.batch_size = 'two': expected int"),
+        ("train.export=best", "train.export = 'best' needs validation: set train.val_every_epochs >= 1"),
     ],
 )
 def test_parameter_mistakes_exit_2_with_one_line_naming_the_key(shapes, tmp_path, capsys, override, message):
@@ -116,23 +120,50 @@ def test_set_takes_several_values_as_dvc_unpacks_them_and_a_missing_train_annota
 def test_run_folder_holds_checkpoints_model_tensorboard_stats_and_params(shapes, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(_args(run_dir, shapes, "train.max_steps=2")) == 0
-    assert f"fine-tuned model: {run_dir / 'model'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"fine-tuned model: {run_dir / 'model'}" in printed
+    assert f"training curves: {run_dir / 'plots' / 'training.png'}" in printed
 
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "checkpoints",
         "model",
         "params.yaml",
+        "plots",
         "tensorboard",
         "train_stats.jsonl",
     ]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [step_checkpoint_name(s) for s in (0, 2)]
-    assert {"config.json", "model.safetensors"} <= {p.name for p in (run_dir / "model").iterdir()}
+    # self-contained: the model, its class names, the processor and tokenizer, the card
+    exported = {p.name for p in (run_dir / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md"} <= exported
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == sorted(CATEGORY_NAMES)
+    with Image.open(run_dir / "plots" / "training.png") as figure:
+        assert figure.format == "PNG" and figure.width >= 800
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (run_dir / "train_stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in records)
     written = yaml.safe_load((run_dir / "params.yaml").read_text())
     assert written == json.loads(json.dumps(to_dict(load_params(PARAMS, [*SMALL, "train.max_steps=2"]))))
+
+
+def test_the_same_command_with_more_steps_goes_on_and_with_fewer_exits_2(shapes, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(run_dir, shapes, "train.max_steps=2")) == 0
+    assert main(_args(run_dir, shapes, "train.max_steps=3")) == 0  # params.yaml's other keys unchanged: resumed
+    records = [json.loads(line) for line in (run_dir / "train_stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert not (run_dir / "checkpoints" / "superseded.pt").exists()
+    capsys.readouterr()
+
+    assert main(_args(run_dir, shapes, "train.max_steps=1")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = _error_lines(err)
+    newest = run_dir / "checkpoints" / step_checkpoint_name(3)
+    assert line.startswith(f"error: train.max_steps = 1 is below step 3 of the run's newest checkpoint {newest}: ")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [step_checkpoint_name(s) for s in (0, 2, 3)]
 
 
 def test_a_run_that_keeps_diverging_exits_2_with_one_line(shapes, tmp_path, capsys):

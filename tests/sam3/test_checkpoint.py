@@ -59,7 +59,16 @@ def _draws():
 
 def test_round_trip_restores_weights_optimizer_counters_and_rng(tmp_path):
     model, optimizer = _trained(seed=0)
-    state = TrainState(step=12, epoch=1, epoch_step=2, best_metric=0.25, guard={"history": [1.0], "rollbacks": 0})
+    state = TrainState(
+        step=12,
+        epoch=1,
+        epoch_step=2,
+        best_metric=0.25,
+        best_step=8,
+        validations_since_best=1,
+        total_steps=40,
+        guard={"history": [1.0], "rollbacks": 0},
+    )
     scheduler_state = {"last_step": 12, "total": 100}
     path = save_checkpoint(tmp_path, 12, model, optimizer, scheduler_state, None, state, PARAMS)
     assert path == tmp_path / "step_00000012.pt"
@@ -114,7 +123,16 @@ def test_file_loads_with_weights_only_and_holds_plain_values(tmp_path):
     path = _save(tmp_path, 3, model, optimizer)
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == "sam3-finetune-checkpoint"
-    assert payload["train_state"] == {"step": 3, "epoch": 0, "epoch_step": 0, "best_metric": None, "guard": {}}
+    assert payload["train_state"] == {
+        "step": 3,
+        "epoch": 0,
+        "epoch_step": 0,
+        "best_metric": None,
+        "best_step": None,
+        "validations_since_best": 0,
+        "total_steps": None,
+        "guard": {},
+    }
     assert payload["params"] == PARAMS
     assert payload["scaler"] is None
     assert set(payload["model"]) == set(model.state_dict())
@@ -122,6 +140,30 @@ def test_file_loads_with_weights_only_and_holds_plain_values(tmp_path):
     assert python_rng[0] == 3 and len(python_rng[1]) == 625  # version 3, 624 Mersenne words + position
     assert payload["rng"]["numpy"]["key"].shape == (624,)
     assert payload["rng"]["torch"].dtype == torch.uint8
+
+
+def test_a_weights_only_checkpoint_is_exported_not_resumed(tmp_path):
+    model, optimizer = _trained()
+    state = TrainState(step=4, best_metric=0.5, best_step=4)
+    path = save_checkpoint(tmp_path, 4, model, None, None, None, state, PARAMS, name="best.pt")
+    assert torch.load(path, weights_only=True)["optimizer"] is None
+    fresh, fresh_optimizer = _trained(seed=1)
+    with pytest.raises(CheckpointError, match=r"best.pt holds weights only, no optimiser state .* resume from a step"):
+        load_checkpoint(path, fresh, fresh_optimizer)
+    loaded, _, _ = load_checkpoint(path, fresh)  # the weights alone
+    assert loaded == state
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_a_train_state_saved_before_the_validation_counters_loads_with_their_defaults(tmp_path):
+    model, optimizer = _trained()
+    path = _save(tmp_path, 3, model, optimizer)
+    payload = torch.load(path, weights_only=True)
+    payload["train_state"] = {"step": 3, "epoch": 0, "epoch_step": 3, "best_metric": 0.5, "guard": {}}  # as of old
+    torch.save(payload, path)
+    state, _, _ = load_checkpoint(path, model, optimizer)
+    assert state == TrainState(step=3, epoch_step=3, best_metric=0.5, best_step=None, validations_since_best=0)
+    assert state.total_steps is None  # unknown: a resumed run then says nothing about a changed length
 
 
 def test_non_plain_value_is_refused_before_anything_is_written(tmp_path):

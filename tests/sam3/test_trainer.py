@@ -309,29 +309,40 @@ def test_two_gloo_processes_at_batch_2_equal_one_process_at_batch_4(batch4_run, 
 def test_changed_params_lists_only_run_defining_keys():
     from sam3.trainer import changed_params
 
-    stored = {"train": {"max_steps": 40, "log_every": 10}, "optim": {"lr_detr": 8e-5}, "launcher": {"nodes": 1}}
-    current = {"train": {"max_steps": 80, "log_every": 5}, "optim": {"lr_detr": 8e-5}, "launcher": {"nodes": 2}}
-    # log_every is bookkeeping and launcher does not change the result: only max_steps counts
-    assert changed_params(stored, current) == ["train.max_steps: 40 -> 80"]
+    stored = {"train": {"seed": 0, "log_every": 10}, "optim": {"lr_detr": 8e-5}, "launcher": {"nodes": 1}}
+    current = {"train": {"seed": 1, "log_every": 5}, "optim": {"lr_detr": 8e-5}, "launcher": {"nodes": 2}}
+    # log_every is bookkeeping and launcher does not change the result: only the seed counts
+    assert changed_params(stored, current) == ["train.seed: 0 -> 1"]
     # memory and speed switches compute the same values: a run resumes across them
     faster = {**stored, "train": {**stored["train"], "activation_checkpointing": True, "compile": True}}
     assert changed_params(stored, faster) == []
+    # the run's length (resumed with the schedule recomputed), when to stop and what to export: resumed too
+    other = {"max_steps": 80, "epochs": 3, "patience": 2, "export": "best"}
+    assert changed_params(stored, {**stored, "train": {**stored["train"], **other}}) == []
     assert changed_params(stored, stored) == []
 
 
 def test_rerun_with_other_params_starts_anew_and_sets_old_checkpoints_aside(shapes, tmp_path):
-    """A DVC re-run after a param change must not resume the old run: 2 steps, then max_steps 3 -> a fresh run."""
+    """A DVC re-run after a param change must not resume the old run: 2 steps, then seed 1 -> a fresh run, and the
+    first run's best checkpoint is set aside with its newest step checkpoint."""
     from dataclasses import asdict
 
-    first = make_job(tmp_path, shapes, max_steps=2, checkpoint_every=1)
+    first = make_job(tmp_path, shapes, max_steps=2, checkpoint_every=1, val_every_epochs=1)
     first.params = {"train": asdict(first.loop)}
-    trainer.train(first)
-    second = make_job(tmp_path, shapes, max_steps=3, checkpoint_every=1)
+    trainer.train(first)  # validated at its last step: best.pt written
+    best = (tmp_path / "checkpoints" / "best.pt").read_bytes()
+    second = make_job(tmp_path, shapes, max_steps=3, checkpoint_every=1, seed=1)
     second.params = {"train": asdict(second.loop)}
     trainer.train(second)
     steps = [r["step"] for r in _records(tmp_path) if "loss" in r]
-    assert steps == [1, 2, 1, 2, 3]  # the second run logged from step 1 again, it did not resume at 2
+    assert steps == [1, 2, 3]  # the second run logged from step 1 again, it did not resume at 2
+    # ... into a log of its own: the first run's was set aside, whole
+    first_log = (tmp_path / "train_stats.superseded.jsonl").read_text().splitlines()
+    assert [r["step"] for r in map(json.loads, first_log) if "loss" in r] == [1, 2]
+    assert (tmp_path / "tensorboard.superseded").is_dir() and (tmp_path / "tensorboard").is_dir()
     assert (tmp_path / "checkpoints" / "superseded.pt").is_file()
+    assert (tmp_path / "checkpoints" / "superseded_best.pt").read_bytes() == best
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()  # no validation in the second run: no best of its own
     # same params: a third call resumes at 3 = max_steps and trains nothing more
     trainer.train(second)
     assert [r["step"] for r in _records(tmp_path) if "loss" in r] == steps
