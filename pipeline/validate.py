@@ -63,7 +63,7 @@ from pipeline.validation.files import DEFAULT_MAX_PIXELS, check_image_files
 from pipeline.validation.output import QUARANTINE_DIR, prepare_out_dir, write_outcome
 from pipeline.validation.packed import as_list
 from pipeline.validation.placeholder import placeholder_categories, placeholder_problems
-from pipeline.validation.problems import Check, Problem, Severity, Table, where
+from pipeline.validation.problems import Check, Problem, Severity, Table
 from pipeline.validation.quarantine import SplitOutcome, partition_split
 from pipeline.validation.records import (
     SplitRecords,
@@ -73,6 +73,7 @@ from pipeline.validation.records import (
     image_table,
     is_int,
     load_split,
+    record_problem,
 )
 from pipeline.validation.report import (
     FROM_DATASET,
@@ -168,16 +169,14 @@ def not_in_train(fewshot: SplitRecords, train: SplitOutcome) -> list[Problem]:
         else:
             continue
         problems.append(
-            Problem(
+            record_problem(
+                fewshot,
                 Check.NOT_IN_TRAIN,
                 Severity.ERROR,
-                f"{where(Table.IMAGES, index, image_id)}: {reason}; a few-shot file is a subset of the train split: "
-                "fix the record or draw the file again",
-                split=fewshot.split,
-                table=Table.IMAGES,
-                index=index,
-                record_id=image_id,
-                file=fewshot.file,
+                Table.IMAGES,
+                index,
+                image_id,
+                f"{reason}; a few-shot file is a subset of the train split: fix the record or draw the file again",
             )
         )
     return problems

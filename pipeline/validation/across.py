@@ -22,26 +22,16 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
 from pipeline.validation.paths import locate
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
 from pipeline.validation.quarantine import SplitOutcome
-from pipeline.validation.records import is_int
+from pipeline.validation.records import owner_positions, record_problem
 from sam3.config import MAX_TARGETS
 
 log = logging.getLogger(__name__)
-
-
-def _positions(records: Sequence[Any]) -> dict[int, int]:
-    """`{id: position in the JSON list}` of the first record with each integer id (the one that owns it)."""
-    positions: dict[int, int] = {}
-    for index, record in enumerate(records):
-        if isinstance(record, dict) and is_int(record.get("id")):
-            positions.setdefault(record["id"], index)
-    return positions
 
 
 def crowded_prompts(outcome: SplitOutcome, limit: int = MAX_TARGETS) -> list[Problem]:
@@ -55,26 +45,21 @@ def crowded_prompts(outcome: SplitOutcome, limit: int = MAX_TARGETS) -> list[Pro
     if not crowded:
         return []
     names = {category["id"]: category["name"] for category in outcome.valid[Table.CATEGORIES]}
-    positions = _positions(outcome.records.records(Table.IMAGES))
-    problems = []
-    for (image_id, category_id), count in crowded:
-        index = positions[image_id]
-        problems.append(
-            Problem(
-                Check.CROWDED_PROMPT,
-                Severity.WARNING,
-                f"{where(Table.IMAGES, index, image_id)}: holds {count} instances of category {category_id} "
-                f"{names[category_id]!r}, over the {limit} one prompt can take: training drops this prompt on this "
-                "image (it is neither a positive nor a negative there); evaluation still scores all of them. Tile "
-                "the image to train on it",
-                split=outcome.split,
-                table=Table.IMAGES,
-                index=index,
-                record_id=image_id,
-                file=outcome.records.file,
-            )
+    positions = owner_positions(outcome.records.records(Table.IMAGES))
+    return [
+        record_problem(
+            outcome.records,
+            Check.CROWDED_PROMPT,
+            Severity.WARNING,
+            Table.IMAGES,
+            positions[image_id],
+            image_id,
+            f"holds {count} instances of category {category_id} {names[category_id]!r}, over the {limit} one prompt "
+            "can take: training drops this prompt on this image (it is neither a positive nor a negative there); "
+            "evaluation still scores all of them. Tile the image to train on it",
         )
-    return problems
+        for (image_id, category_id), count in crowded
+    ]
 
 
 def category_name_mismatches(outcomes: Sequence[SplitOutcome]) -> list[Problem]:
@@ -82,25 +67,23 @@ def category_name_mismatches(outcomes: Sequence[SplitOutcome]) -> list[Problem]:
     first: dict[int, tuple[str, str]] = {}  # id -> (name, split) where it was first seen
     problems = []
     for outcome in outcomes:
-        positions = _positions(outcome.records.records(Table.CATEGORIES))
+        positions = owner_positions(outcome.records.records(Table.CATEGORIES))
         for category in outcome.valid[Table.CATEGORIES]:
             category_id, name = category["id"], category["name"]
             earlier = first.setdefault(category_id, (name, outcome.split))
             if earlier[1] == outcome.split or earlier[0].strip() == name.strip():
                 continue
-            index = positions[category_id]
             problems.append(
-                Problem(
+                record_problem(
+                    outcome.records,
                     Check.CATEGORY_NAME_MISMATCH,
                     Severity.WARNING,
-                    f"{where(Table.CATEGORIES, index, category_id)}: name {name!r} differs from {earlier[0]!r}, the "
-                    f"name of category id {category_id} in {earlier[1]}; training prompts with the train split's "
-                    "name and evaluation with this split's: give the id one name in every split",
-                    split=outcome.split,
-                    table=Table.CATEGORIES,
-                    index=index,
-                    record_id=category_id,
-                    file=outcome.records.file,
+                    Table.CATEGORIES,
+                    positions[category_id],
+                    category_id,
+                    f"name {name!r} differs from {earlier[0]!r}, the name of category id {category_id} in "
+                    f"{earlier[1]}; training prompts with the train split's name and evaluation with this split's: "
+                    "give the id one name in every split",
                 )
             )
     return problems
@@ -118,7 +101,7 @@ def shared_image_files(outcomes: Sequence[SplitOutcome], dataset_dir: Path) -> l
     shared: Counter[tuple[str, str]] = Counter()
     for outcome in outcomes:
         folder = outcome.records.folder
-        positions = _positions(outcome.records.records(Table.IMAGES))
+        positions = owner_positions(outcome.records.records(Table.IMAGES))
         mine: dict[str, tuple[str, int, str]] = {}
         for image in tqdm(outcome.valid[Table.IMAGES], desc=f"{outcome.split} image digests", unit="image"):
             path = locate(dataset_dir, folder, image["file_name"]).path

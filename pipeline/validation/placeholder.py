@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.validation.problems import Check, Problem, Severity, Table, where
-from pipeline.validation.records import SplitRecords, is_int
+from pipeline.validation.problems import Check, Problem, Severity, Table
+from pipeline.validation.records import SplitRecords, is_int, record_problem
 
 PLACEHOLDER_ID = 0
 
@@ -47,17 +47,15 @@ def placeholder_problems(records: SplitRecords, placeholders: dict[int, str]) ->
         if not isinstance(category, dict) or category.get("id") not in placeholders or not is_int(category["id"]):
             continue
         problems.append(
-            Problem(
+            record_problem(
+                records,
                 Check.ROBOFLOW_PLACEHOLDER,
                 Severity.SET_ASIDE,
-                f"{where(Table.CATEGORIES, index, category['id'])}: {category.get('name')!r} is Roboflow's placeholder "
-                "category (no annotation uses it; id 0 or the supercategory of every class): set aside, never a "
-                "prompt",
-                split=records.split,
-                table=Table.CATEGORIES,
-                index=index,
-                record_id=category["id"],
-                file=records.file,
+                Table.CATEGORIES,
+                index,
+                category["id"],
+                f"{category.get('name')!r} is Roboflow's placeholder category (no annotation uses it; id 0 or the "
+                "supercategory of every class): set aside, never a prompt",
             )
         )
     return problems

@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.validation.packed import PackedRecords
 from pipeline.validation.problems import Check, Problem, Severity, Table, where
-from pipeline.validation.records import SplitRecords, is_int
+from pipeline.validation.records import SplitRecords, is_int, owner_positions, record_problem
 
 
 @dataclass(frozen=True)
@@ -40,31 +40,20 @@ class SplitOutcome:
         return self.records.split
 
 
-def _owners(records: Sequence[Any]) -> dict[int, int]:
-    """`{id: position}` of the first JSON object with each integer id: the record that owns the id."""
-    owners: dict[int, int] = {}
-    for index, record in enumerate(records):
-        if isinstance(record, dict) and is_int(record.get("id")):
-            owners.setdefault(record["id"], index)
-    return owners
-
-
 def _consequence(
     check: Check, split: SplitRecords, index: int, annotation: dict[str, Any], table: Table, owner: int, causes: list
 ) -> Problem:
     owner_id = split.records(table)[owner]["id"]
     reasons = ", ".join(sorted({str(p.check) for p in causes}))
     kind = "image" if table == Table.IMAGES else "category"
-    return Problem(
+    return record_problem(
+        split,
         check,
         Severity.ERROR,
-        f"{where(Table.ANNOTATIONS, index, annotation.get('id'))}: quarantined with its {kind} "
-        f"{where(table, owner, owner_id)} ({reasons})",
-        split=split.split,
-        table=Table.ANNOTATIONS,
-        index=index,
-        record_id=annotation.get("id"),
-        file=split.file,
+        Table.ANNOTATIONS,
+        index,
+        annotation.get("id"),
+        f"quarantined with its {kind} {where(table, owner, owner_id)} ({reasons})",
     )
 
 
@@ -88,7 +77,7 @@ def partition_split(split: SplitRecords, problems: list[Problem]) -> SplitOutcom
         (Table.IMAGES, "image_id", Check.IMAGE_QUARANTINED),
         (Table.CATEGORIES, "category_id", Check.CATEGORY_QUARANTINED),
     )
-    owners = {table: _owners(split.records(table)) for table, _, _ in owner_tables}
+    owners = {table: owner_positions(split.records(table)) for table, _, _ in owner_tables}
     for index, annotation in enumerate(split.records(Table.ANNOTATIONS)):  # one pass: packed ones decode once
         if not isinstance(annotation, dict):
             continue

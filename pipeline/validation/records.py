@@ -112,6 +112,31 @@ def load_split(dataset_dir: Path, split: str, name: str = ANNOTATIONS_FILE) -> S
     return SplitRecords(split=split if name == ANNOTATIONS_FILE else file, file=file, data=data)
 
 
+def owner_positions(records: Sequence[Any]) -> dict[int, int]:
+    """`{id: position}` of the first JSON object with each integer id: the record that owns the id."""
+    owners: dict[int, int] = {}
+    for index, record in enumerate(records):
+        if isinstance(record, dict) and is_int(record.get("id")):
+            owners.setdefault(record["id"], index)
+    return owners
+
+
+def record_problem(
+    records: SplitRecords, check: Check, severity: Severity, table: Table, index: int, record_id: Any, text: str
+) -> Problem:
+    """A problem on the record at `index` of `table` in `records`' file; the message is `where(...)`: `text`."""
+    return Problem(
+        check,
+        severity,
+        f"{where(table, index, record_id)}: {text}",
+        split=records.split,
+        table=table,
+        index=index,
+        record_id=record_id,
+        file=records.file,
+    )
+
+
 def is_int(value: Any) -> bool:
     """A JSON integer (Python's bool is an int, JSON's true is not)."""
     return isinstance(value, int) and not isinstance(value, bool)
