@@ -2,6 +2,7 @@
 the old file or the new one, never half of one.
 
     write_text(path, text)   text -> <path>.tmp in the same folder -> os.replace(<path>.tmp, path)
+    write_chunks(path, chunks)   the same for text written piece by piece (never whole in memory)
     write_json(path, data)   json.dumps(data, sort_keys=True, indent=2) + "\\n" through write_text
     replace_folder(new, target)   a folder written beside `target` takes its place (old one renamed, then deleted)
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,23 @@ JSON_INDENT = 2  # metrics, predictions, reports; COCO annotation files use 1 (s
 
 def write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically, creating parent folders."""
+    write_chunks(path, (text,))
+
+
+def write_chunks(path: str | Path, chunks: Iterable[str]) -> None:
+    """Write the pieces of text `chunks` (UTF-8) one after the other to `path` atomically, creating parent folders:
+    a file too large to hold as one string is never in memory whole. An error while writing (one raised by the
+    iterator included) removes the temporary file and leaves `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            for chunk in chunks:
+                file.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -21,12 +21,12 @@ width) plus the packed items, instead of five copies.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
 from sam3.coco import load_coco
+from sam3.io import write_chunks
 
 PACKED_KEY = "annotations"  # the one list worth packing: images and categories are small beside it
 _WHITESPACE = " \t\n\r"
@@ -188,17 +188,7 @@ def write_packed(path: str | Path, data: dict[str, Any], allow_nan: bool = False
     """Write `data` exactly as `sam3.coco.save_coco(path, data, allow_nan)` would, with any PackedRecords value
     written one record at a time (never the whole file's text in memory); atomic (`<path>.tmp`, then renamed).
     NaN / Infinity raise ValueError unless `allow_nan`, as in save_coco; the temporary file is removed then."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            for chunk in _chunks(data, allow_nan):
-                file.write(chunk)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    write_chunks(path, _chunks(data, allow_nan))
 
 
 def as_list(records: Sequence[Any]) -> list[Any]:
