@@ -67,6 +67,11 @@ def read_stats(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of optimiser steps (a loss; not validation, rollback or early-stop records)."""
+    return [r for r in records if "loss" in r and "event" not in r]
+
+
 def _is_final_layer_term(key: str) -> bool:
     """loss_bbox, loss_ce, ... of the last decoder layer (the auxiliary layers' end in _0, _1, ...)."""
     if not key.startswith("loss_"):
@@ -81,7 +86,7 @@ def training_figure(stats: Path, out: Path) -> Path:
     validation metrics when the run validated. Rollbacks of the divergence guard are marked on the loss panel."""
     plt = _pyplot()
     records = read_stats(stats)
-    steps = [r for r in records if "loss" in r and "event" not in r]
+    steps = step_records(records)
     validation = [r for r in records if any(k.startswith("val/") for k in r)]
     rollbacks = [r["step"] for r in records if r.get("event") == "rollback"]
     panels = 3 if validation else 2

@@ -23,7 +23,7 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from sam3.coco import ANNOTATIONS_FILE, SPLITS
+from sam3.coco import ANNOTATIONS_FILE, SPLITS, present_splits, split_annotation_path
 from sam3.errors import ConfigError, DataError
 
 PACKAGE = "roboflow"
@@ -38,8 +38,7 @@ def _check_out(out: Path) -> None:
 
 def _layout_problem(folder: Path) -> str | None:
     """Why `folder` is not a Roboflow COCO export (None when it is): it needs at least the train split's file."""
-    present = [split for split in SPLITS if (folder / split / ANNOTATIONS_FILE).is_file()]
-    if "train" not in present:
+    if not split_annotation_path(folder, "train").is_file():
         found = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
         return (
             f"no train/{ANNOTATIONS_FILE} (found: {', '.join(found) or 'nothing'}); export the version in 'COCO' format"
@@ -55,8 +54,7 @@ def _finish(staging: Path, out: Path, source: str) -> Path:
     if out.exists():
         out.rmdir()  # empty (checked before)
     os.replace(staging, out)
-    splits = [split for split in SPLITS if (out / split / ANNOTATIONS_FILE).is_file()]
-    print(f"{source} -> {out} (splits: {', '.join(splits)})")
+    print(f"{source} -> {out} (splits: {', '.join(present_splits(out))})")
     print(
         f"next: dvc add {out}; in params.yaml set dataset.name: {out.name} and dataset.raw: {out}; then dvc repro "
         "(validate sets Roboflow's placeholder category aside)"

@@ -27,7 +27,7 @@ from pipeline.aggregate import METRICS_FILE
 from pipeline.evaluate import PER_CATEGORY_PLOT, PR_CURVE_PLOT, PREDICTIONS_FILE
 from pipeline.plots import MOSAIC_PNG, PER_CATEGORY_PNG, PR_CURVE_PNG, TRAINING_PNG
 from pipeline.train import PLOTS_FOLDER as RUN_PLOTS
-from pipeline.train import TRAIN_STATS
+from sam3.config import TRAIN_STATS_FILE
 
 PIPELINE = ("python", "-m", "pipeline")  # the Prefect flow swaps "python" for its own interpreter
 MODEL_FOLDER = "model"  # sam3.trainer.train exports the fine-tuned model to <run dir>/model
@@ -158,8 +158,8 @@ def evaluate(layout: Layout, params_file: str, sets: list[str] = (), extra: list
         *PIPELINE, "evaluate", "--model", layout.model, "--dataset", layout.preprocessed,
         "--gt-original", layout.clean, "--out", f"{layout.results}/{METRICS_FILE}",
         "--predictions", f"{layout.results}/{PREDICTIONS_FILE}", "--plots-dir", f"{layout.results}/{PLOTS_FOLDER}",
-        "--summary", layout.summary, "--train-stats", f"{layout.run}/{TRAIN_STATS}", *_params(params_file, list(sets)),
-        *extra,
+        "--summary", layout.summary, "--train-stats", f"{layout.run}/{TRAIN_STATS_FILE}",
+        *_params(params_file, list(sets)), *extra,
     ]  # fmt: skip
 
 

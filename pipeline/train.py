@@ -34,9 +34,9 @@ from pipeline.plots import TRAINING_PNG
 from pipeline.stage_args import add_params_arguments, params_file_of, stage_params
 from pipeline.train_job import build_job, write_resolved_params
 from sam3.coco import ANNOTATIONS_FILE
+from sam3.config import TRAIN_STATS_FILE
 from sam3.model_files import check_model_source
 
-TRAIN_STATS = "train_stats.jsonl"  # written by sam3.training.logs in the run folder
 PLOTS_FOLDER = "plots"
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
             export_dir = train(job)
             print(f"fine-tuned model: {export_dir}")
-        stats = args.run_dir / TRAIN_STATS
+        stats = args.run_dir / TRAIN_STATS_FILE
         if stats.is_file():
             from pipeline.plots import training_figure
 

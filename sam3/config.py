@@ -34,6 +34,7 @@ DEVICE_CHOICES: tuple[str, ...] = get_args(Device)
 GRAD_CLIP = 0.1  # the recipe's max global gradient L2 norm (docs/RECIPE.md section 4)
 DEFAULT_PROMPT_CHUNK = 16  # prompts per decoder call at inference; bounds memory at 1008 px (Q pairs of 200 queries)
 DEFAULT_MAX_DETS = 100  # detections kept per image: the reference's top 100, as COCO AP reads at most 100
+TRAIN_STATS_FILE = "train_stats.jsonl"  # a run's log, one JSON object per line, in its run folder (sam3.training.logs)
 MAX_TARGETS = 200  # instances one (image, prompt) query may hold: the reference drops queries with more
 SAM3_IMAGE_SIZE = 1008  # SAM 3's input side (the full model's; the tiny test model's is 224)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sam3.config import TRAIN_STATS_FILE
 from sam3.distributed import DistInfo
 from sam3.engine import StepResult
 from sam3.errors import ConfigError
@@ -47,11 +48,11 @@ class TrainLogs:
         from torch.utils.tensorboard import SummaryWriter
 
         if fresh:
-            _set_aside(run_dir / "train_stats.jsonl", run_dir / "train_stats.superseded.jsonl")
+            _set_aside(run_dir / TRAIN_STATS_FILE, run_dir / "train_stats.superseded.jsonl")
             _set_aside(run_dir / "tensorboard", run_dir / "tensorboard.superseded")
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.jsonl = (run_dir / "train_stats.jsonl").open("a", encoding="utf-8")
+        self.jsonl = (run_dir / TRAIN_STATS_FILE).open("a", encoding="utf-8")
         if wandb_project:
             try:
                 import wandb
