@@ -1,9 +1,11 @@
 """The evaluate stage's figures and summary: what `pipeline.evaluate` writes besides metrics.json.
 
-    write_figures(plots_dir, gt, models, images_dir)   pr_curve.png, per_category_ap.png, predictions.png
-    summary(metrics, iou_type, train_stats)            the handful of numbers people compare across runs
+    write_figures(plots_dir, gt, models, curves, images_dir, iou_type)   pr_curve.png, per_category_ap.png,
+                                                                          predictions.png
+    summary(metrics, iou_type, train_stats, baseline_key)                the numbers people compare across runs
 
-`models` maps a label ("fine-tuned", "baseline") to its metrics and COCO results; the fine-tuned model comes first.
+`models` maps a label (FINE_TUNED, "baseline: <source>") to its metrics and COCO results, the fine-tuned model
+first; `curves` maps the same labels to their PR curves, computed once by the caller (it also writes them as JSON).
 The mosaic shows the first MOSAIC_IMAGES test images (by id): the ground truth (box and category name) on the left,
 the fine-tuned model's best detections on the right, as many as the image has ground-truth objects (at least one),
 with their scores: a weak model's guesses are visible too, where a fixed threshold would often show nothing. Both are
@@ -27,9 +29,11 @@ from pipeline.plots import (
     per_category_figure,
     pr_figure,
     read_stats,
+    step_records,
 )
 
 MOSAIC_IMAGES = 4
+FINE_TUNED = "fine-tuned"  # the label of the evaluated model in the figures (its baseline's: "baseline: <source>")
 SUMMARY_KEYS = ("AP", "AP50")  # per IoU type, prefixed bbox_ / segm_
 SA_CO_KEYS = ("cgF1", "IL_MCC", "pmF1")
 
@@ -41,13 +45,18 @@ class ModelResult:
 
 
 def write_figures(
-    plots_dir: Path, gt: dict[str, Any], models: Mapping[str, ModelResult], images_dir: Path, iou_type: str
+    plots_dir: Path,
+    gt: dict[str, Any],
+    models: Mapping[str, ModelResult],
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    images_dir: Path,
+    iou_type: str,
 ) -> list[Path]:
-    """The three PNGs of an evaluation; returns their paths."""
-    from sam3.evaluation import per_category_rows, pr_curve
+    """The three PNGs of an evaluation (`curves`: each model's `sam3.evaluation.pr_curve` rows, by label); returns
+    their paths."""
+    from sam3.evaluation import per_category_rows
 
     what = "masks" if iou_type == "segm" else "boxes"
-    curves = {label: pr_curve(gt, result.predictions, iou_type) for label, result in models.items()}
     rows = {
         label: [r for r in per_category_rows(result.metrics) if r["iou_type"] == iou_type]
         for label, result in models.items()
@@ -112,7 +121,7 @@ def train_numbers(train_stats: Path | None) -> dict[str, float | int | None]:
     empty: dict[str, float | int | None] = {"steps": None, "train_loss": None}
     if train_stats is None or not train_stats.is_file():
         return empty
-    steps = [r for r in read_stats(train_stats) if "loss" in r and "event" not in r]
+    steps = step_records(read_stats(train_stats))
     if not steps:
         return empty
     return {"steps": steps[-1]["step"], "train_loss": statistics.fmean(r["loss"] for r in steps[-5:])}

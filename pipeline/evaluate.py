@@ -246,7 +246,7 @@ def evaluate(
     train_stats: Path | None = None,
 ) -> EvalResult:
     """Steps 1-6 of the module docstring; writes `out`, the predictions, the plot files, report.md and the summary."""
-    from pipeline.eval_plots import ModelResult, summary, write_figures
+    from pipeline.eval_plots import FINE_TUNED, ModelResult, summary, write_figures
     from sam3.evaluation import per_category_rows, pr_curve
     from sam3.model import load_model
 
@@ -262,11 +262,8 @@ def evaluate(
     predictions_file = predictions_file or out.parent / PREDICTIONS_FILE
     write_json(predictions_file, predictions)
     metrics = score_predictions(gt, predictions, options.with_masks)
-    if plots_dir is not None:
-        write_json(plots_dir / PER_CATEGORY_PLOT, per_category_rows(metrics))
-        write_json(plots_dir / PR_CURVE_PLOT, pr_curve(gt, predictions, iou_type))
 
-    results = {"fine-tuned": ModelResult(metrics, predictions)}
+    results = {FINE_TUNED: ModelResult(metrics, predictions)}
     if baseline_detector is not None:
         baseline_predictions = run_inference(baseline_detector, dataset_dir, split, options)
         metrics[BASELINE_KEY] = score_predictions(gt, baseline_predictions, options.with_masks)
@@ -277,7 +274,12 @@ def evaluate(
         report = metrics_table(metrics, model, f"{dataset_dir} ({split}): {model}")
     figures: list[Path] = []
     if plots_dir is not None:
-        figures = write_figures(plots_dir, gt, results, _image_folder(dataset_dir, split, gt_original), iou_type)
+        # one COCOeval per model for the PR curve: the JSON plot and the figure share it
+        curves = {label: pr_curve(gt, result.predictions, iou_type) for label, result in results.items()}
+        write_json(plots_dir / PER_CATEGORY_PLOT, per_category_rows(metrics))
+        write_json(plots_dir / PR_CURVE_PLOT, curves[FINE_TUNED])
+        images = _image_folder(dataset_dir, split, gt_original)
+        figures = write_figures(plots_dir, gt, results, curves, images, iou_type)
         report += figure_links(figures, out.parent)
     write_text(out.parent / REPORT_FILE, report)
     write_json(out, metrics)
