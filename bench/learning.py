@@ -4,6 +4,7 @@
     python -m bench.learning --minutes 2 --n-train 400
     python -m bench.learning --minutes 30 --eval-every 1000     # the held-out AP50 curve as training goes on
     python -m bench.learning --no-priors                        # transformers' random init alone (stays on the plateau)
+    python -m bench.learning --no-one-to-many                   # without the DAC queries (on by default, the recipe's)
 
 Prints one JSON object: ap50_before, ap50_after (pycocotools through sam3.evaluation.score on the held-out test
 split, model inference as `sam3.inference.predict_dataset`), seconds (training wall time), steps, settings, and
@@ -14,8 +15,11 @@ config with initializer_range 0.1 (our "tiny"), AdamW lr 1e-3 and weight decay 1
 decay, gradient clipping 1.0, batch 8 images each with its present prompts plus 3 random absent ones, Hungarian
 matching, the recipe's box losses, the presence loss at weight 5 instead of 20 (at 20 it dominates the loss from
 scratch: seed 0 AP50 0.60 at 2,194 steps, seed 1 0.40), and sigmoid focal classification (`class_loss="focal"`: the
-IoU-aware BCE stays on the plateau from scratch). Training stops at --minutes; the schedule is laid over the number
-of steps the first 20 steps' pace predicts.
+IoU-aware BCE stays on the plateau from scratch). The reference's model-side defaults are on (docs/RECIPE.md
+section 3): the one-to-many (DAC) queries with their loss at weight 2 (`--no-one-to-many` turns them off), the
+geometry encoder's token on every prompt, drop-path 0.1 in the ViT (`--drop-path`), and the sqrt(queries) scale of
+the loss (`--no-sqrt-scale`). Training stops at --minutes; the schedule is laid over the number of steps the first
+20 steps' pace predicts.
 
 The model starts with the decoder's spatial priors for training from scratch (`sam3.scratch`: reference boxes on a
 grid, a box position bias that attends inside each query's box), as every built-in random model does. Without them
@@ -42,9 +46,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.shapes_data import build_shapes_dataset
-from sam3.config import LossConfig
+from sam3.config import META_DROP_PATH, LossConfig
 from sam3.data import CocoPromptDataset, collate_prompts
 from sam3.data.sampler import ResumableSampler
+from sam3.drop_path import attach_drop_path
 from sam3.engine import train_step
 from sam3.evaluation import score
 from sam3.inference import predict_dataset
@@ -80,6 +85,11 @@ def main() -> None:
         "--no-priors", action="store_true", help="transformers' random initialisation without sam3.scratch's priors"
     )
     parser.add_argument(
+        "--no-one-to-many", action="store_true", help="train without the one-to-many (DAC) queries and their loss"
+    )
+    parser.add_argument("--drop-path", type=float, default=META_DROP_PATH, help="ViT stochastic depth (default 0.1)")
+    parser.add_argument("--no-sqrt-scale", action="store_true", help="no sqrt(queries) scale of the loss")
+    parser.add_argument(
         "--eval-every",
         type=int,
         default=0,
@@ -93,7 +103,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         build_shapes_dataset(data, n=args.n_train, seed=args.seed, image_size=IMAGE_SIZE, n_valid=4, n_test=args.n_test)
-        model = load_model("tiny", seed=args.seed, scratch_priors=not args.no_priors)
+        model = load_model(
+            "tiny", seed=args.seed, scratch_priors=not args.no_priors, one_to_many=not args.no_one_to_many
+        )
+        if args.drop_path > 0:
+            attach_drop_path(model.model, args.drop_path)
         model.train()
         before = held_out_ap50(model, data)
 
@@ -101,7 +115,13 @@ def main() -> None:
             data, "train", image_size=IMAGE_SIZE, train=args.augment, seed=args.seed, num_negatives=3
         )
         sampler = ResumableSampler(len(dataset), seed=args.seed)
-        criterion = Criterion(LossConfig(class_loss="focal", weight_presence=args.presence_weight))
+        criterion = Criterion(
+            LossConfig(
+                class_loss="focal",
+                weight_presence=args.presence_weight,
+                scale_by_sqrt_num_queries=not args.no_sqrt_scale,
+            )
+        )
         # fused: one kernel for all parameters, as sam3.optim.build_optimizer uses (4x faster on the CPU)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=True)
         budget = args.minutes * 60
@@ -152,6 +172,9 @@ def main() -> None:
                 "priors": not args.no_priors,
                 "lr": args.lr,
                 "presence_weight": args.presence_weight,
+                "one_to_many": not args.no_one_to_many,
+                "drop_path": args.drop_path,
+                "sqrt_scale": not args.no_sqrt_scale,
                 "curve": curve,
             }
         )

@@ -20,8 +20,13 @@ Lines, in order:
   prompts per image, half of them with 1-3 boxes), so the loader is not in the timed loop. With the cache, the
   step starts from the cached vision features (and, with the text encoder frozen too, cached prompt embeddings),
   as training with `cache.enabled` does.
+  Each mode runs with the one-to-many (DAC) queries on and off (`one_to_many`; `--one-to-many on|off` for one):
+  with them the decoder runs 2N queries in training (the mask decoder too, on the final layer) and the criterion
+  adds the o2m terms.
 - `summary`: the loader's best rate over the fastest training rate from pixels (`loader_headroom`; the target is
-  >= 3; cached steps read no pixels) and the cache speed-up per freeze mode.
+  >= 3; cached steps read no pixels), the cache speed-up per freeze mode, and what DAC costs per freeze mode
+  (`dac_step_time_ratio_<freeze>`: step time with DAC over without, both at batch 1 from pixels;
+  `dac_peak_mem_ratio_<freeze>` likewise, on CUDA only: the CPU's peak resident set never goes down).
 
 FLOPs are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` over one whole step (forward, loss
 and backward: matmuls, convolutions and attention, the operations that dominate; element-wise work is not
@@ -172,6 +177,7 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
         "image_size": args.image_size,
         "freeze": freeze,
         "cache": cached,
+        "one_to_many": detector.one_to_many,
         "batch": batch_size,
         "prompts": args.prompts,
         "activation_checkpointing": args.activation_checkpointing,
@@ -199,7 +205,16 @@ def mode_lines(detector, freeze: str, cached: bool, args, device, peak_tflops: f
         try:
             line = train_line(detector, freeze, cached, size, args, device, peak_tflops)
         except torch.cuda.OutOfMemoryError:
-            lines.append({"what": "train", "freeze": freeze, "cache": cached, "batch": size, "out_of_memory": True})
+            lines.append(
+                {
+                    "what": "train",
+                    "freeze": freeze,
+                    "cache": cached,
+                    "one_to_many": detector.one_to_many,
+                    "batch": size,
+                    "out_of_memory": True,
+                }
+            )
             torch.cuda.empty_cache()
             break
         lines.append(line)
@@ -236,6 +251,12 @@ def main() -> None:
     parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--no-cache", action="store_true", help="skip the feature-cache lines")
     parser.add_argument(
+        "--one-to-many",
+        choices=("both", "on", "off"),
+        default="both",
+        help="train lines with the one-to-many (DAC) queries, without, or both (default)",
+    )
+    parser.add_argument(
         "--no-flops",
         action="store_true",
         help="skip counting FLOPs (flops_per_image and mfu null): the counted step holds more memory than a plain one",
@@ -251,8 +272,8 @@ def main() -> None:
     args.max_batch = args.max_batch or (32 if cuda else 8)
     args.workers = args.workers or ([0, 2, 4, 8, 12] if cuda else [0, 1, 2])
     args.loader_images = args.loader_images or (256 if cuda else 64)
-    torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's default train.tf32
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False  # the trainer's default train.tf32 (the reference's)
+    torch.backends.cudnn.allow_tf32 = False
 
     peak = measured_peak_tflops(device, torch.bfloat16 if args.amp_used == "bf16" else torch.float32)
     line = {"what": "peak", "device": device.type, "dtype": args.amp_used, "peak_tflops": round(peak, 2)}
@@ -265,30 +286,51 @@ def main() -> None:
         detector = load_model(args.model, image_size=args.image_size)
     detector.to(device).train()
     trained = []
-    for freeze in args.freeze:
-        for cached in [False, True] if freeze in CACHE_FREEZE_MODES and not args.no_cache else [False]:
-            trained += mode_lines(detector, freeze, cached, args, device, peak)
+    dac_settings = {"both": [True, False], "on": [True], "off": [False]}[args.one_to_many]
+    for one_to_many in dac_settings:
+        detector.one_to_many = one_to_many
+        for freeze in args.freeze:
+            for cached in [False, True] if freeze in CACHE_FREEZE_MODES and not args.no_cache else [False]:
+                trained += mode_lines(detector, freeze, cached, args, device, peak)
+    print(json.dumps(summary_line(trained, loader, args, device)), flush=True)
+
+
+def summary_line(trained: list[dict], loader: list[dict], args: argparse.Namespace, device: torch.device) -> dict:
+    """Loader headroom, the cache's speed-up and DAC's cost per freeze mode (module docstring)."""
+    timed = [t for t in trained if "images_per_s" in t]
+
+    def best(**match) -> float | None:
+        rates = [t["images_per_s"] for t in timed if all(t[k] == v for k, v in match.items())]
+        return max(rates, default=None)
+
+    def batch_one(freeze: str, one_to_many: bool) -> dict | None:
+        lines = [
+            t
+            for t in timed
+            if (t["freeze"], t["cache"], t["one_to_many"], t["batch"]) == (freeze, False, one_to_many, 1)
+        ]
+        return lines[0] if lines else None
+
     # the loader feeds training from pixels; a cached step reads features instead, so it is not compared
-    best_train = max((t["images_per_s"] for t in trained if "images_per_s" in t and not t["cache"]), default=None)
+    best_train = best(cache=False)
     best_loader = max((line["images_per_s"] for line in loader), default=None)
     summary = {"what": "summary", "best_train_images_per_s": best_train, "best_loader_images_per_s": best_loader}
     if best_train and best_loader:
         summary["loader_headroom"] = round(best_loader / best_train, 2)
-    for freeze in args.freeze:  # the cache's speed-up: best images/s from the cache over best from pixels
-        best = {
-            cached: max(
-                (
-                    t["images_per_s"]
-                    for t in trained
-                    if t["freeze"] == freeze and t.get("cache") == cached and "images_per_s" in t
-                ),
-                default=None,
-            )
-            for cached in (False, True)
-        }
-        if best[False] and best[True]:
-            summary[f"cache_speedup_{freeze}"] = round(best[True] / best[False], 2)
-    print(json.dumps(summary), flush=True)
+    for freeze in args.freeze:
+        with_dac = True if args.one_to_many != "off" else False
+        pixels, cached = (
+            best(freeze=freeze, cache=False, one_to_many=with_dac),
+            best(freeze=freeze, cache=True, one_to_many=with_dac),
+        )
+        if pixels and cached:  # the cache's speed-up: best images/s from the cache over best from pixels
+            summary[f"cache_speedup_{freeze}"] = round(cached / pixels, 2)
+        on, off = batch_one(freeze, True), batch_one(freeze, False)
+        if on and off:
+            summary[f"dac_step_time_ratio_{freeze}"] = round(on["step_ms"] / off["step_ms"], 3)
+            if device.type == "cuda":
+                summary[f"dac_peak_mem_ratio_{freeze}"] = round(on["peak_mem_gb"] / off["peak_mem_gb"], 3)
+    return summary
 
 
 if __name__ == "__main__":

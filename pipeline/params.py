@@ -23,6 +23,7 @@ import yaml
 from sam3.config import (
     DEFAULT_MAX_DETS,
     DEFAULT_PROMPT_CHUNK,
+    META_DROP_PATH,
     SAM3_IMAGE_SIZE,
     CacheConfig,
     DDPConfig,
@@ -74,6 +75,9 @@ class ModelParams:
     source: str = "tiny"  # "tiny" | "full" | a local transformers-format folder (e.g. a facebook/sam3 download)
     image_size: int | None = None  # None: the model's own (1008 full, 224 tiny)
     mode: Literal["detection", "segmentation"] = "detection"
+    one_to_many: bool = True  # DAC: the queries run twice in training, the copy matched one-to-many (loss.o2m_*)
+    text_geometry_token: bool = True  # prompts end with the geometry encoder's CLS token, as in Meta's model
+    drop_path: float = META_DROP_PATH  # ViT stochastic depth in training: 0 .. drop_path over the blocks
 
 
 @dataclass
@@ -164,6 +168,10 @@ def check_values(params: Params, source: str = "params") -> None:
         (train.log_every >= 1, "train.log_every must be >= 1 (steps between logged records and progress lines)"),
         (launcher.nodes >= 1 and launcher.gpus_per_node >= 1, "launcher.nodes/gpus_per_node >= 1"),
         (cache.views >= 1, "cache.views must be >= 1 (1: the plain warp only, no augmentation)"),
+        (0 <= params.model.drop_path < 1, "model.drop_path must be in [0, 1) (0: no stochastic depth)"),
+        (params.loss.o2m_weight >= 0, "loss.o2m_weight must be >= 0"),
+        (params.loss.o2m_topk >= 1, "loss.o2m_topk must be >= 1"),
+        (0 <= params.loss.o2m_alpha <= 1, "loss.o2m_alpha must be in [0, 1]"),
     ]
     loop_issue = loop_problem(train, with_masks=params.model.mode == "segmentation")
     checks.append((loop_issue is None, loop_issue))

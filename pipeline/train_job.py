@@ -25,7 +25,7 @@ def build_job(
     on resume) hold the resolved params plus the fingerprint of the code the train stage runs, so a run whose code
     changed (a fix to the loss, say) starts over instead of resuming the old code's last checkpoint: `dvc repro`
     re-runs train after such a change, and its persisted checkpoints must not turn that into a no-op."""
-    from sam3.config import TrainJob
+    from sam3.config import ModelOptions, TrainJob
 
     return TrainJob(
         run_dir=str(run_dir),
@@ -35,6 +35,11 @@ def build_job(
         model_source=params.model.source,
         image_size=params.model.image_size,
         with_masks=params.model.mode == "segmentation",
+        model=ModelOptions(
+            one_to_many=params.model.one_to_many,
+            text_geometry_token=params.model.text_geometry_token,
+            drop_path=params.model.drop_path,
+        ),
         loop=params.train,
         optim=params.optim,
         loss=params.loss,

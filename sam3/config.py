@@ -37,6 +37,7 @@ DEFAULT_MAX_DETS = 100  # detections kept per image: the reference's top 100, as
 TRAIN_STATS_FILE = "train_stats.jsonl"  # a run's log, one JSON object per line, in its run folder (sam3.training.logs)
 MAX_TARGETS = 200  # instances one (image, prompt) query may hold: the reference drops queries with more
 SAM3_IMAGE_SIZE = 1008  # SAM 3's input side (the full model's; the tiny test model's is 224)
+META_DROP_PATH = 0.1  # the reference's stochastic depth rate for SAM 3's ViT (its last block; linear from 0)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class LoopConfig:
     freeze: FreezeMode = "none"  # what trains (sam3.freeze)
     grad_clip: float = GRAD_CLIP
     amp_dtype: AmpDtype = "bf16"  # CUDA only; CPU runs fp32
-    tf32: bool = True  # TF32 matmuls / convolutions on Ampere+ GPUs
+    tf32: bool = False  # TF32 matmuls / convolutions on Ampere+ GPUs (the reference: off, full fp32 matmuls)
     cudnn_benchmark: bool = False
     activation_checkpointing: bool = False  # recompute trainable encoder blocks in the backward (sam3.memory)
     compile: bool = False  # torch.compile the ViT blocks (sam3.compiling); pays on GPUs for long runs
@@ -109,6 +110,15 @@ def loop_problem(loop: LoopConfig, with_masks: bool) -> str | None:
 
 
 @dataclass
+class ModelOptions:
+    """How the detector runs in training (`model` section; docs/RECIPE.md section 3). Defaults: the reference's."""
+
+    one_to_many: bool = True  # DAC: the N queries run a second time, matched one-to-many (sam3.decoder_pass)
+    text_geometry_token: bool = True  # prompts end with the geometry encoder's CLS token (Sam3Detector)
+    drop_path: float = META_DROP_PATH  # stochastic depth of the ViT blocks, 0 .. rate over the blocks (sam3.drop_path)
+
+
+@dataclass
 class LossConfig:
     """Criterion weights (`loss` section); defaults are the recipe's (docs/RECIPE.md section 3)."""
 
@@ -121,7 +131,13 @@ class LossConfig:
     weight_mask: float = 200.0
     weight_dice: float = 10.0
     ce_on_negative_prompts: bool = False
-    scale_by_sqrt_num_queries: bool = False
+    scale_by_sqrt_num_queries: bool = True  # the reference's sqrt(queries on the rank) scale of the total
+    # the one-to-many (DAC) branch, used when the model runs its o2m queries (model.one_to_many)
+    o2m_weight: float = 2.0  # every o2m term is multiplied by it
+    o2m_topk: int = 4  # a slot matches a target when its score is above the (1 - topk / N) quantile of the N slots
+    o2m_threshold: float = 0.4  # ... and above this (score = o2m_alpha * p + (1 - o2m_alpha) * IoU)
+    o2m_alpha: float = 0.3
+    o2m_matcher_on_aux: bool = False  # earlier layers' o2m outputs: one-to-many (true) or Hungarian (the recipe)
 
 
 @dataclass
@@ -167,6 +183,7 @@ class TrainJob:
     model_source: str = "tiny"
     image_size: int | None = None
     with_masks: bool = False
+    model: ModelOptions = field(default_factory=lambda: ModelOptions())
     loop: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -99,7 +99,9 @@ def export_model(
         logger.warning(
             "class name %r tokenises differently in the exported tokenizer than in training (see the model card)", name
         )
-    readme = render_card(card, names, model_input_size(detector), str(folder), differing)
+    readme = render_card(
+        card, names, model_input_size(detector), str(folder), differing, geometry_token=detector.text_geometry_token
+    )
 
     def write_labels(partial: Path) -> None:
         # A copy: the in-memory model keeps its config; config.json gets the class names.
@@ -241,12 +243,22 @@ def tokenizer_mismatches(tokenizer: PreTrainedTokenizerFast, prompts: Sequence[s
 # ---------------------------------------------------------------- the model card
 
 
-def usage_snippet(model_dir: str, threshold: float = DEFAULT_THRESHOLD) -> str:
+def usage_snippet(model_dir: str, threshold: float = DEFAULT_THRESHOLD, geometry_token: bool = True) -> str:
     """Python code that loads the folder with transformers alone and prints each class's detections on image.jpg.
 
     One vision pass per image, one decoder pass per prompt; scores = sigmoid(logit) * sigmoid(presence), the scores
-    of `pipeline predict`. Boxes are in the image's pixels (xyxy).
+    of `pipeline predict`. Boxes are in the image's pixels (xyxy). With `geometry_token` (a model trained with the
+    geometry encoder's token on its prompts, `Sam3Detector.geometry_tokens`) each call passes one padding box
+    (label -10): transformers then runs the geometry encoder, masks the box out, and the prompt ends with the same
+    CLS token as in training; without it `Sam3Model.forward` would skip the encoder.
     """
+    boxes = (
+        "\n        outputs = model(**text_inputs, input_boxes=no_box, input_boxes_labels=padding)"
+        if geometry_token
+        else "\n        outputs = model(**text_inputs)"
+    )
+    # one padding box (label -10) per call: the prompt's geometry token, as in training (the model card says why)
+    setup = "no_box, padding = torch.zeros(1, 1, 4), torch.tensor([[-10]])  # see below\n" if geometry_token else ""
     return f"""import torch
 from PIL import Image, ImageOps
 from transformers import Sam3Model, Sam3Processor
@@ -258,11 +270,11 @@ prompts = list(model.config.id2label.values())  # the classes it was fine-tuned 
 
 image = ImageOps.exif_transpose(Image.open("image.jpg")).convert("RGB")  # upright, as in training
 inputs = processor(images=image, return_tensors="pt")
-with torch.inference_mode():
+{setup}with torch.inference_mode():
     vision = model.get_vision_features(pixel_values=inputs.pixel_values)  # once per image
     for prompt in prompts:
         text = processor(text=prompt, return_tensors="pt")
-        outputs = model(vision_embeds=vision, input_ids=text.input_ids, attention_mask=text.attention_mask)
+        text_inputs = dict(vision_embeds=vision, input_ids=text.input_ids, attention_mask=text.attention_mask){boxes}
         result = processor.post_process_instance_segmentation(
             outputs, threshold={threshold}, mask_threshold=0.5, target_sizes=inputs.original_sizes.tolist()
         )[0]
@@ -272,7 +284,12 @@ with torch.inference_mode():
 
 
 def render_card(
-    card: ModelCard | None, class_names: Sequence[str], image_size: int, model_dir: str, differing: Sequence[str]
+    card: ModelCard | None,
+    class_names: Sequence[str],
+    image_size: int,
+    model_dir: str,
+    differing: Sequence[str],
+    geometry_token: bool = True,
 ) -> str:
     """The README.md of the exported folder (Hugging Face model card layout: YAML front matter, then Markdown)."""
     dataset = card.dataset if card is not None else "not recorded"
@@ -308,9 +325,10 @@ def render_card(
         "With transformers alone (nothing is downloaded: the processor and tokenizer are in this folder):",
         "",
         "```python",
-        usage_snippet(model_dir).rstrip("\n"),
+        usage_snippet(model_dir, geometry_token=geometry_token).rstrip("\n"),
         "```",
         "",
+        *_forward_section(geometry_token),
         "Scores are sigmoid(logit) x sigmoid(presence), as sam3-finetune's `predict` computes them; it writes COCO",
         "results and overlays for images, folders and videos:",
         "",
@@ -335,6 +353,23 @@ def render_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _forward_section(geometry_token: bool) -> list[str]:
+    """What the card says about the prompt's geometry token (the forward the weights were trained with)."""
+    if not geometry_token:
+        return [
+            "This model was trained without the geometry encoder's token (`text_geometry_token: false` in",
+            "config.json): a text prompt is its text tokens alone, which is what `Sam3Model.forward` does by itself.",
+            "",
+        ]
+    return [
+        "This model was trained as Meta's SAM 3 was: every text prompt ends with the geometry encoder's CLS token",
+        "(`text_geometry_token: true` in config.json). `Sam3Model.forward` adds that token only when it is given a",
+        "box, so the snippet passes one padding box (label -10), which is masked out everywhere and leaves the",
+        "token; without it the outputs differ from the ones the model was evaluated with.",
+        "",
+    ]
 
 
 def _params_section(card: ModelCard | None) -> list[str]:

@@ -26,20 +26,30 @@ and on the final layer only, in segmentation mode (`sam3.mask_losses`):
     loss_mask     = 200 * sum_matched mean_pixels focal(mask_logit, mask) / N_b
     loss_dice     = 10 * sum_matched dice(mask_logit, mask) / N_b
 
+One-to-many (DAC) terms, when the model ran its o2m queries (`pred_logits_o2m`, `pred_boxes_o2m`, and on the final
+layer `pred_masks_o2m`, in the final dict and in each aux entry; sam3.decoder_pass): the same box, classification
+and mask terms on the o2m predictions, each times o2m_weight (2), named `<term>_o2m` (`loss_bbox_o2m_0` for aux
+layer 0), with no presence term (the presence token is shared with the o2o half and supervised there once). The
+matching differs: the final layer's o2m outputs use the one-to-many matcher (sam3.o2m_matcher: a target takes the
+slots whose 0.3 p + 0.7 IoU is above both the per-target (1 - 4/N) quantile and 0.4), the earlier layers' use the
+Hungarian matcher (the recipe's use_o2m_matcher_on_o2m_aux false; `o2m_matcher_on_aux` switches). Box and mask
+terms sum over every matched pair and divide by N_b, the number of target boxes, as the o2o terms do, so a target
+matched by three slots counts three times. A slot matched to several targets (possible, as in the reference) is
+one positive in the classification term, with the soft target of its best-overlapping target.
+
 `Criterion` returns every term already weighted, the earlier layers' terms suffixed `_0`, `_1`, ... in the order of
 `aux_outputs`, and `loss`, the sum of them all.
 
 Where we differ from the reference, on purpose:
 - The reference multiplies the total by sqrt(number of queries on the rank); that ties the effective learning rate
-  to how many prompts a batch happens to hold. Off by default; `scale_by_sqrt_num_queries=True` restores it (and
-  scales every term, so `loss` is still their sum).
+  to how many prompts a batch happens to hold. On by default, as in the reference (it sets the scale the recipe's
+  learning rates were tuned with); `scale_by_sqrt_num_queries=False` turns it off. It scales every term, so `loss`
+  is still their sum.
 - The reference divides the IoU-aware BCE by Q x 200 even when a model has fewer than 200 predictions
   (`pad_n_queries`); we take the plain mean over Q x N. Identical at the SAM 3 default of N = 200.
 - The reference takes the IABCE and presence means over the queries of its own rank; we divide by N_q, the
   query count averaged over ranks, as it does for boxes. Identical when every rank holds as many queries; exact
   for gradient accumulation (pass the accumulated counts) and for ranks with different query counts.
-- The reference's optional one-to-many branch (200 extra queries matched one-to-many, weight 2) is not
-  implemented: transformers' `Sam3Model` has no such queries.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from sam3.config import CLASS_LOSSES, LossConfig
 from sam3.errors import ConfigError
 from sam3.mask_losses import matched_mask_losses
 from sam3.matcher import HungarianMatcher
+from sam3.o2m_matcher import OneToManyMatcher
 
 # The IoU-aware soft target never falls below this, so a matched prediction with no overlap is still pushed up a bit.
 SOFT_TARGET_MIN = 0.01
@@ -155,6 +166,28 @@ def iou_aware_bce(
     return per_pair.sum() / (num_queries * logits.shape[1])
 
 
+def best_pair_per_prediction(
+    match_query: torch.Tensor, match_pred: torch.Tensor, iou: torch.Tensor, shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matched pairs with each (query, prediction) once, keeping its largest IoU.
+
+    One-to-one matching never repeats a prediction; one-to-many matching may give one slot two targets. The
+    classification term marks a prediction positive once, so it takes the soft target of its best overlap: a fixed
+    choice, where writing every pair into the target tensor would keep whichever write lands last.
+
+    Args:
+        match_query, match_pred: long [M]. iou: float [M], >= 0. shape: (Q, N) of the logits.
+
+    Returns:
+        (query, pred, iou), each [M'], M' <= M, ordered by query then prediction.
+    """
+    num_preds = shape[1]
+    key = match_query * num_preds + match_pred
+    best = iou.new_full((shape[0] * num_preds,), -1.0).scatter_reduce(0, key, iou, reduce="amax")
+    kept = (best >= 0).nonzero().squeeze(1)
+    return kept // num_preds, kept % num_preds, best[kept]
+
+
 def focal_class_loss(
     logits: torch.Tensor,
     match_query: torch.Tensor,
@@ -216,7 +249,9 @@ class Criterion:
     - Masks (final layer only; sam3.mask_losses): with_masks, config.weight_mask, config.weight_dice, focal_alpha,
       focal_gamma.
     - Auxiliary decoder layers: every entry of outputs["aux_outputs"], same terms except masks.
-    - The reference's sqrt(num queries) scale of the total: config.scale_by_sqrt_num_queries (off).
+    - One-to-many terms (module docstring) when the outputs hold `pred_logits_o2m`: config.o2m_weight, o2m_topk,
+      o2m_threshold, o2m_alpha (the one-to-many matcher), o2m_matcher_on_aux.
+    - The reference's sqrt(num queries) scale of the total: config.scale_by_sqrt_num_queries (on).
     - IABCE on the predictions of negative prompts (unmatched term, as if each were a false positive):
       config.ce_on_negative_prompts (off: the reference supervises negative prompts through presence alone).
 
@@ -232,12 +267,17 @@ class Criterion:
     presence_alpha: float = 0.5
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    o2m_matcher: OneToManyMatcher = field(init=False)
 
     def __post_init__(self) -> None:
         # the params loader refuses other values; a LossConfig built in code is checked here
         class_loss = self.config.class_loss
         if class_loss not in CLASS_LOSSES:
             raise ConfigError(f"class_loss={class_loss!r} is not known: use one of {', '.join(CLASS_LOSSES)}")
+        config = self.config
+        self.o2m_matcher = OneToManyMatcher(
+            alpha=config.o2m_alpha, threshold=config.o2m_threshold, topk=config.o2m_topk
+        )
 
     def __call__(
         self,
@@ -251,14 +291,16 @@ class Criterion:
         Args:
             outputs: the final decoder layer's `pred_logits`, `pred_boxes`, `presence_logits` (and `pred_masks`
                 when with_masks), plus optional `aux_outputs`, a list of dicts with the same keys for the
-                earlier layers (masks not needed there).
+                earlier layers (masks not needed there). With the one-to-many branch, also `pred_logits_o2m`,
+                `pred_boxes_o2m` (every layer) and `pred_masks_o2m` (final layer, when with_masks).
             targets: Q dicts with `boxes` [n_q, 4] normalised cxcywh and, when with_masks, `masks` [n_q, H, W].
             num_boxes, num_queries: this rank's target boxes and queries in the whole accumulated batch, for
                 gradient accumulation; None: those of `targets`. Averaged over ranks here (`normalisers`).
 
         Returns:
             `loss_bbox`, `loss_giou`, `loss_ce`, `loss_presence` (+ `loss_mask`, `loss_dice` when with_masks) for the
-            final layer, the same with suffix `_i` for aux_outputs[i], all weighted, and `loss`, their sum.
+            final layer, the o2m terms `loss_bbox_o2m` ... when the outputs hold them, the same with suffix `_i`
+            for aux_outputs[i], all weighted, and `loss`, their sum.
         """
         logits = outputs["pred_logits"]
         if logits.dim() != 2 or logits.shape[0] != len(targets):
@@ -271,9 +313,11 @@ class Criterion:
         if num_queries is None:
             num_queries = len(targets)
         norm = normalisers(num_boxes, num_queries, logits.device)
-        losses = self._layer_losses(outputs, targets, norm, with_masks=self.with_masks)
+        losses = self._layer_losses(outputs, targets, norm, self.matcher, with_masks=self.with_masks)
+        losses.update(self._o2m_losses(outputs, targets, norm, final=True))
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            aux_losses = self._layer_losses(aux, targets, norm, with_masks=False)
+            aux_losses = self._layer_losses(aux, targets, norm, self.matcher, with_masks=False)
+            aux_losses.update(self._o2m_losses(aux, targets, norm, final=False))
             losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
         if self.config.scale_by_sqrt_num_queries:
             # The reference's factor: sqrt of the queries in this call (it never divides by accumulation steps).
@@ -282,19 +326,38 @@ class Criterion:
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
 
-    def _layer_losses(
-        self, out: dict, targets: list[dict], norm: tuple[torch.Tensor, torch.Tensor], with_masks: bool
+    def _o2m_losses(
+        self, out: dict, targets: list[dict], norm: tuple[torch.Tensor, torch.Tensor], final: bool
     ) -> dict[str, torch.Tensor]:
-        """Weighted terms of one decoder layer, without suffix; norm = (N_b, N_q)."""
+        """Weighted one-to-many terms of one decoder layer, `<term>_o2m`; {} when it has no o2m outputs."""
+        if "pred_logits_o2m" not in out:
+            return {}
+        o2m = {"pred_logits": out["pred_logits_o2m"], "pred_boxes": out["pred_boxes_o2m"]}
+        with_masks = final and self.with_masks
+        if with_masks:
+            o2m["pred_masks"] = out.get("pred_masks_o2m")
+        matcher = self.o2m_matcher if final or self.config.o2m_matcher_on_aux else self.matcher
+        terms = self._layer_losses(o2m, targets, norm, matcher, with_masks=with_masks)
+        return {f"{name}_o2m": self.config.o2m_weight * value for name, value in terms.items()}
+
+    def _layer_losses(
+        self,
+        out: dict,
+        targets: list[dict],
+        norm: tuple[torch.Tensor, torch.Tensor],
+        matcher: HungarianMatcher | OneToManyMatcher,
+        with_masks: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Weighted terms of one decoder layer, without suffix; norm = (N_b, N_q). The presence term only when `out`
+        holds `presence_logits` (the o2m half has none)."""
         num_boxes, num_queries = norm
         config = self.config
         # fp32 whatever the autocast dtype: BCE, focal and GIoU lose too much in bf16.
         logits = out["pred_logits"].float()  # [Q, N]
         boxes = out["pred_boxes"].float()  # [Q, N, 4]
-        presence = out["presence_logits"].float().reshape(-1)  # [Q]
         device = logits.device
 
-        matches = self.matcher(logits, boxes, targets)
+        matches = matcher(logits, boxes, targets)
         match_query = torch.cat([torch.full_like(pred, q) for q, (pred, _) in enumerate(matches)]).to(device)
         match_pred = torch.cat([pred for pred, _ in matches]).to(device)
         tgt_boxes = torch.cat(
@@ -309,11 +372,15 @@ class Criterion:
         if config.class_loss == "iabce":
             with torch.no_grad():
                 iou = paired_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
+                # a one-to-many slot may hold two targets: one positive, with its best overlap
+                class_query, class_pred, class_iou = best_pair_per_prediction(
+                    match_query, match_pred, iou, logits.shape
+                )
             ce = iou_aware_bce(
                 logits,
-                match_query,
-                match_pred,
-                iou,
+                class_query,
+                class_pred,
+                class_iou,
                 has_target,
                 num_queries,
                 config.pos_weight,
@@ -326,9 +393,11 @@ class Criterion:
             ce = focal_class_loss(logits, match_query, match_pred, num_boxes, self.focal_alpha, self.focal_gamma)
             terms["loss_ce"] = self.weight_focal_ce * ce
 
-        terms["loss_presence"] = config.weight_presence * presence_loss(
-            presence, has_target, num_queries, self.presence_alpha
-        )
+        if "presence_logits" in out:
+            presence = out["presence_logits"].float().reshape(-1)  # [Q]
+            terms["loss_presence"] = config.weight_presence * presence_loss(
+                presence, has_target, num_queries, self.presence_alpha
+            )
 
         if with_masks:
             focal, dice = matched_mask_losses(

@@ -43,6 +43,7 @@ from transformers.models.sam3.configuration_sam3 import (
 from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
 
 from sam3.batch import PromptBatch
+from sam3.decoder_pass import run_decoder
 from sam3.errors import ConfigError, ExportError, ModelLoadError
 from sam3.io import replace_folder
 from sam3.model_files import BUILT_IN_SOURCES, COMPLETE_FOLDER, check_model_folder
@@ -50,6 +51,13 @@ from sam3.scratch import apply_scratch_priors
 from sam3.tokenizer import CONTEXT_LENGTH, END_ID, PAD_ID, START_ID
 
 logger = logging.getLogger(__name__)
+
+# Sam3Config attribute (saved in config.json) saying whether the model's prompts carry the geometry CLS token
+TEXT_GEOMETRY_TOKEN_KEY = "text_geometry_token"
+# The geometry encoder's parts that encode boxes only: with no boxes (a text prompt's geometry token) they run on
+# empty tensors and get exactly zero gradient.
+_BOX_PARTS = ("label_embed", "boxes_direct_project", "boxes_pool_project", "boxes_pos_enc_project", "vision_layer_norm")
+GEOMETRY_BOX_PARTS = tuple(f"geometry_encoder.{part}." for part in _BOX_PARTS)
 
 
 def tiny_config(image_size: int = 224) -> Sam3Config:
@@ -132,7 +140,13 @@ def set_image_size(config: Sam3Config, image_size: int) -> None:
 
 
 def load_model(
-    source: str | Path = "tiny", image_size: int | None = None, seed: int = 0, *, scratch_priors: bool = True
+    source: str | Path = "tiny",
+    image_size: int | None = None,
+    seed: int = 0,
+    *,
+    scratch_priors: bool = True,
+    one_to_many: bool = False,
+    text_geometry_token: bool | None = None,
 ) -> Sam3Detector:
     """A `Sam3Detector` in eval mode from "tiny", "full" or a local transformers folder.
 
@@ -142,7 +156,8 @@ def load_model(
         `scratch_priors` is False (transformers' initialisation alone).
     folder: `Sam3Model.from_pretrained(folder, local_files_only=True)`; a facebook/sam3 download (a video config
         whose `detector_config` is the detector, tracker weights ignored) or our own `save_pretrained` export.
-    `image_size` overrides the input size (see `set_image_size`).
+    `image_size` overrides the input size (see `set_image_size`). `one_to_many`, `text_geometry_token`: the
+    forward's options (`Sam3Detector`); None for the token: the folder's own setting, else on.
     """
     if isinstance(source, str) and source in BUILT_IN_SOURCES:
         config = tiny_config() if source == "tiny" else Sam3Config()
@@ -156,7 +171,7 @@ def load_model(
             apply_scratch_priors(model)
     else:
         model = _load_folder(Path(source), image_size)
-    return Sam3Detector(model).eval()
+    return Sam3Detector(model, one_to_many=one_to_many, text_geometry_token=text_geometry_token).eval()
 
 
 def _load_folder(folder: Path, image_size: int | None) -> Sam3Model:
@@ -216,14 +231,39 @@ class Sam3Detector(nn.Module):
     forward(batch, with_masks) -> dict for the Q (image, prompt) pairs, N = number of decoder queries:
         pred_logits      float [Q, N]        score logits, last decoder layer
         pred_boxes       float [Q, N, 4]     normalised cxcywh
-        presence_logits  float [Q]           is the prompt present in the image at all
+        presence_logits  float [Q]           is the prompt present in the image at all (unclamped)
         pred_masks       float [Q, N, h, w]  mask logits at 4x the patch grid (only when with_masks)
         aux_outputs      list of L - 1 dicts with the first three keys, earlier decoder layers in order
+    and while training with `one_to_many`, the one-to-many half of the decoder (sam3.decoder_pass), in the final
+    dict and in each aux_outputs entry (Meta's key names; no presence of its own):
+        pred_logits_o2m  float [Q, N]        pred_boxes_o2m  float [Q, N, 4]
+        pred_masks_o2m   float [Q, N, h, w]  (final layer, with_masks)
+
+    Options (attributes, set at construction):
+        one_to_many          run the DAC queries in training (`model.one_to_many`); eval, inference and export
+                             never do: the o2o half is all they read, and it is the same with or without them.
+        text_geometry_token  join the geometry encoder's CLS token to every prompt, as Meta's model does for a
+                             text-only prompt (`model.text_geometry_token`, see `geometry_tokens`). None: the
+                             config's `text_geometry_token` (written by our export), else True, since the released
+                             SAM 3 was trained that way.
     """
 
-    def __init__(self, model: Sam3Model) -> None:
+    def __init__(self, model: Sam3Model, one_to_many: bool = False, text_geometry_token: bool | None = None) -> None:
         super().__init__()
         self.model = model
+        self.one_to_many = one_to_many
+        # written into the config either way, so config.json always says which forward the weights expect
+        self.text_geometry_token = self.text_geometry_token if text_geometry_token is None else text_geometry_token
+
+    @property
+    def text_geometry_token(self) -> bool:
+        return bool(getattr(self.model.config, TEXT_GEOMETRY_TOKEN_KEY, True))
+
+    @text_geometry_token.setter
+    def text_geometry_token(self, value: bool) -> None:
+        # kept in the config, which save_pretrained writes: an exported model is read back with the forward it
+        # was trained with
+        setattr(self.model.config, TEXT_GEOMETRY_TOKEN_KEY, bool(value))
 
     @property
     def config(self) -> Sam3Config:
@@ -295,41 +335,87 @@ class Sam3Detector(nn.Module):
         position = vision_features.position.expand(num_queries, -1, -1, -1)
         prompt = text_features.tokens.index_select(0, query_prompt)  # [Q, L, D]
         prompt_mask = text_features.mask.index_select(0, query_prompt)  # [Q, L]
+        if self.text_geometry_token:
+            geometry = self.geometry_tokens(vision_features).index_select(0, query_image)  # [Q, 1, D]
+            prompt = torch.cat([prompt, geometry.to(prompt.dtype)], dim=1)  # [Q, L + 1, D]
+            prompt_mask = torch.cat([prompt_mask, prompt_mask.new_ones(num_queries, 1)], dim=1)
 
         encoded = self.model.detr_encoder(
             vision_features=[image], text_features=prompt, vision_pos_embeds=[position], text_mask=prompt_mask
         )
-        decoded = self.model.detr_decoder(
+        one_to_many = self.one_to_many and self.training
+        decoded = run_decoder(
+            self.model.detr_decoder,
+            one_to_many=one_to_many,
             vision_features=encoded.last_hidden_state,
             text_features=encoded.text_features,
             vision_pos_encoding=encoded.pos_embeds_flattened,
             text_mask=prompt_mask,
             spatial_shapes=encoded.spatial_shapes,
         )
-        hidden = decoded.intermediate_hidden_states  # [L, Q, N, D], after the decoder's output norm
-        offsets = self.model.detr_decoder.box_head(hidden)  # [L, Q, N, 4], logit space
-        boxes = (inverse_sigmoid(decoded.reference_boxes) + offsets).sigmoid()  # [L, Q, N, 4] cxcywh
+        hidden = decoded.hidden  # [L, Q, K, D], K = N (or 2N with one-to-many, o2o first)
+        offsets = self.model.detr_decoder.box_head(hidden)  # [L, Q, K, 4], logit space
+        boxes = (inverse_sigmoid(decoded.reference_boxes) + offsets).sigmoid()  # [L, Q, K, 4] cxcywh
         logits = self.model.dot_product_scoring(
             decoder_hidden_states=hidden, text_features=encoded.text_features, text_mask=prompt_mask
-        ).squeeze(-1)  # [L, Q, N]
-        presence = decoded.presence_logits.squeeze(-1)  # [L, Q]
+        ).squeeze(-1)  # [L, Q, K]
+        presence = decoded.presence_logits  # [L, Q], unclamped
 
-        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "presence_logits": presence[-1]}
+        masks = None
         if with_masks:
             # The finest levels are gathered per pair only here: at 1008 px the 4x level is 85 MB per pair.
             levels = [level.index_select(0, query_image) for level in vision_features.levels[:-1]] + [image]
-            outputs["pred_masks"] = self.model.mask_decoder(
+            masks = self.model.mask_decoder(
                 decoder_queries=hidden[-1],
                 backbone_features=levels,
                 encoder_hidden_states=encoded.last_hidden_state,
                 prompt_features=prompt,
                 prompt_mask=prompt_mask,
-            ).pred_masks
-        outputs["aux_outputs"] = [
-            {"pred_logits": logits[i], "pred_boxes": boxes[i], "presence_logits": presence[i]}
-            for i in range(hidden.shape[0] - 1)
-        ]
+            ).pred_masks  # [Q, K, h, w]
+
+        n = self.config.detr_decoder_config.num_queries
+        layers = []
+        for i in range(hidden.shape[0]):
+            layer = {"pred_logits": logits[i, :, :n], "pred_boxes": boxes[i, :, :n], "presence_logits": presence[i]}
+            if one_to_many:
+                layer.update(pred_logits_o2m=logits[i, :, n:], pred_boxes_o2m=boxes[i, :, n:])
+            layers.append(layer)
+        outputs = layers[-1]
+        if masks is not None:
+            outputs["pred_masks"] = masks[:, :n]
+            if one_to_many:
+                outputs["pred_masks_o2m"] = masks[:, n:]
+        outputs["aux_outputs"] = layers[:-1]
         return outputs
+
+    def geometry_tokens(self, vision_features: ImageFeatures) -> torch.Tensor:
+        """The geometry encoder's CLS token for a prompt without boxes, per image: float [B, 1, D].
+
+        What Meta's image model does for a text-only prompt (sam3/model/sam3_image.py `_encode_prompt`): it always
+        runs its geometry encoder, on an empty box list when there are no exemplars. With no boxes the encoder's
+        sequence is its CLS embedding alone, which goes through final_proj + LayerNorm, the encoder layers
+        (self-attention over that one token, cross-attention to the 1x image features with their position
+        encoding) and the output LayerNorm; the result joins the prompt after the text tokens: the DETR encoder,
+        decoder cross-attention, the pooled prompt of the dot-product scorer and the mask decoder all see it, and
+        it is trained. transformers' `Sam3Model.forward` runs the geometry encoder only when `input_boxes` holds
+        a box (`has_geometry_prompts`), so its text-only prompt is the text tokens alone: one token short of what
+        the released checkpoint was trained with. The token depends on the image only, hence once per image.
+
+        A transformers user gets the same outputs from `Sam3Model.forward` by passing one padding box:
+        input_boxes [[[0, 0, 0, 0]]] with input_boxes_labels [[-10]] (masked out everywhere, so only the CLS
+        token remains valid; tests/sam3/test_model.py checks the equality).
+        """
+        levels, position = vision_features.levels[-1], vision_features.position
+        batch = levels.shape[0]
+        no_boxes = levels.new_zeros(batch, 0, 4)
+        out = self.model.geometry_encoder(
+            box_embeddings=no_boxes,
+            box_mask=torch.zeros(batch, 0, dtype=torch.bool, device=levels.device),
+            box_labels=torch.zeros(batch, 0, dtype=torch.long, device=levels.device),
+            img_feats=(levels,),
+            img_pos_embeds=(position.expand(batch, -1, -1, -1),),
+        )
+        return out.last_hidden_state  # [B, 1, D]: the CLS token, the only one
 
     def forward(self, batch: PromptBatch, with_masks: bool = False) -> dict:
         images = self.encode_images(batch.pixel_values, levels=None if with_masks else 1)
@@ -369,14 +455,21 @@ def non_finite_tensors(module: nn.Module) -> list[str]:
     return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def parameters_without_text_gradients(model: Sam3Detector | Sam3Model, with_masks: bool = True) -> tuple[str, ...]:
+def parameters_without_text_gradients(
+    model: Sam3Detector | Sam3Model, with_masks: bool = True, text_geometry_token: bool | None = None
+) -> tuple[str, ...]:
     """Names (as in `Sam3Model.named_parameters()`) of the parameters that never get a gradient from
     `Sam3Detector.forward` with text-only prompts. Freeze them, or DDP needs find_unused_parameters:
 
         vision_encoder.neck.fpn_layers.<last>     the 0.5x FPN level, computed but dropped by the forward
         text_encoder.text_projection              CLIP's pooled projection; SAM 3 projects every token with the
                                                   top-level text_projection instead
-        geometry_encoder                          encodes box exemplars, which text prompts do not have
+        geometry_encoder                          without the geometry token: all of it (it encodes box exemplars,
+                                                  which text prompts do not have). With the token (the default,
+                                                  `Sam3Detector.geometry_tokens`), only its box parts
+                                                  (GEOMETRY_BOX_PARTS): they run on an empty box list, so their
+                                                  gradient is exactly zero, and weight decay alone would shrink
+                                                  the box-exemplar weights a user may still want
         mask_decoder.semantic_projection          the semantic-segmentation head, not among our outputs
         mask_decoder.pixel_decoder.{conv_layers,norms}.<k>  for k >= (FPN levels used) - 1: the pixel decoder
                                                   runs one stage per upsampling step between the 3 levels, i.e. 2
@@ -386,6 +479,9 @@ def parameters_without_text_gradients(model: Sam3Detector | Sam3Model, with_mask
         vision_encoder.neck.fpn_layers.<0, 1>     the 4x and 2x levels (the DETR parts read only the 1x level)
     """
     sam3_model = model.model if isinstance(model, Sam3Detector) else model
+    if text_geometry_token is None:
+        text_geometry_token = getattr(sam3_model.config, TEXT_GEOMETRY_TOKEN_KEY, True)
+    geometry = GEOMETRY_BOX_PARTS if text_geometry_token else ("geometry_encoder.",)
     num_fpn = len(sam3_model.config.vision_config.scale_factors)
     detr_level = num_fpn - 2  # the forward drops the last level and gives the DETR parts the one before
     if with_masks:
@@ -400,7 +496,7 @@ def parameters_without_text_gradients(model: Sam3Detector | Sam3Model, with_mask
     prefixes = (
         *(f"vision_encoder.neck.fpn_layers.{level}." for level in unused_fpn),
         "text_encoder.text_projection.",
-        "geometry_encoder.",
+        *geometry,
         *mask_parts,
     )
     return tuple(name for name, _ in sam3_model.named_parameters() if name.startswith(prefixes))

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Sam3Config, Sam3Model
 
-from sam3.config import GuardConfig, LoopConfig, OptimConfig, TrainJob
+from sam3.config import GuardConfig, LoopConfig, LossConfig, ModelOptions, OptimConfig, TrainJob
 from sam3.losses import Criterion
 from sam3.model import tiny_config
 from tests.datasets import build_shapes_dataset
@@ -57,15 +57,24 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(Path(model_dir) / "model.safetensors")
 
 
+# Settings under which splitting a batch (over micro-batches or ranks) leaves the loss and gradients unchanged: no
+# drop-path (its per-sample masks are drawn per forward, so they depend on the split) and no sqrt(queries) scale of
+# the loss (the reference scales each forward by its own query count). The recipe's defaults have both.
+SPLIT_INVARIANT = {"model": ModelOptions(drop_path=0.0), "loss": LossConfig(scale_by_sqrt_num_queries=False)}
+
+
 def make_job(
     run_dir: Path,
     dataset: Path,
     model_source: str | Path = "tiny",
     optim: OptimConfig = TEST_OPTIM,
     guard: GuardConfig | None = None,
+    model: ModelOptions | None = None,
+    loss: LossConfig | None = None,
     **loop: object,
 ) -> TrainJob:
-    """A TrainJob at IMAGE_SIZE with test-sized loop settings; `loop` overrides LoopConfig fields."""
+    """A TrainJob at IMAGE_SIZE with test-sized loop settings; `loop` overrides LoopConfig fields; `model` and `loss`
+    default to the recipe's (e.g. `**SPLIT_INVARIANT` for the batch-split equivalence tests)."""
     defaults = LoopConfig(max_steps=3, batch_size=2, checkpoint_every=100, keep_last=20, log_every=1)
     return TrainJob(
         run_dir=str(run_dir),
@@ -75,6 +84,8 @@ def make_job(
         loop=replace(defaults, **loop),
         optim=optim,
         guard=guard or GuardConfig(),
+        model=model or ModelOptions(),
+        loss=loss or LossConfig(),
         params={"test": True},
     )
 

@@ -8,7 +8,7 @@ For one image of a split in the Roboflow layout (`<dataset>/<split>/_annotations
 
 What is dropped or changed is counted in `stats` and logged once at INFO when the dataset is built, never silently:
 - crowd annotations (iscrowd 1) are dropped; a category whose only instances in an image are crowd (or degenerate)
-  gets no query there at all, since it is neither absent nor has a box to learn;
+  becomes a negative query there, as in the reference (it removes those objects, not their query);
 - boxes reaching outside the image are clipped to it; boxes empty after clipping are dropped;
 - a query with more than `max_targets` targets is dropped (the reference drops them: too many to match);
 - in segmentation mode, an instance whose mask is empty is given its filled box as mask;

@@ -33,7 +33,7 @@ STAT_KEYS: tuple[str, ...] = (
     "degenerate_boxes_dropped",
     "empty_masks_filled",
     "queries_over_max_targets_dropped",
-    "queries_without_valid_targets_dropped",
+    "queries_without_valid_targets_negative",
     "extra_negatives_skipped_present",
     "extra_negatives_skipped_duplicate",
     "extra_negatives_unknown_image",
@@ -64,7 +64,7 @@ class ImageRecord:
     height: int
     orig_size: tuple[int, int]
     positives: dict[int, CategoryQuery]  # category id -> its query; the other categories are absent...
-    without_query: frozenset[int]  # ...except these: present but with no usable target, or too many
+    without_query: frozenset[int]  # ...except these: present with more targets than a query may hold
     extra_negatives: tuple[str, ...]
 
 
@@ -154,8 +154,9 @@ def _image_record(
     without_query = set()
     for cat_id in sorted(mentioned):
         if not targets[cat_id]:
-            stats["queries_without_valid_targets_dropped"] += 1
-            without_query.add(cat_id)
+            # only crowd or degenerate instances: nothing to match, so a negative query, as in the reference (its
+            # FilterCrowds / FilterEmptyTargets remove the objects, not the query)
+            stats["queries_without_valid_targets_negative"] += 1
         elif len(targets[cat_id]) > max_targets:
             stats["queries_over_max_targets_dropped"] += 1
             without_query.add(cat_id)

@@ -26,8 +26,9 @@ from sam3.data.collate import collate_prompts
 from sam3.data.dataset import CocoPromptDataset
 from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.distributed import DistInfo
+from sam3.drop_path import attach_drop_path
 from sam3.features import open_training_cache
-from sam3.freeze import apply_freeze
+from sam3.freeze import apply_freeze, freezes_vision
 from sam3.guard import DivergenceGuard
 from sam3.losses import Criterion
 from sam3.memory import enable_activation_checkpointing
@@ -100,8 +101,13 @@ def build_run(job: TrainJob, dist_info: DistInfo) -> RunParts:
 def build_detector(job: TrainJob, device: torch.device) -> Sam3Detector:
     """The model of `job.model_source`, in train mode, frozen as train.freeze says (plus the parameters text prompts
     never reach), with activation checkpointing and compiled ViT blocks when asked, on `device`."""
-    loop = job.loop
-    detector = load_model(job.model_source, image_size=job.image_size)
+    loop, options = job.loop, job.model
+    detector = load_model(
+        job.model_source,
+        image_size=job.image_size,
+        one_to_many=options.one_to_many,
+        text_geometry_token=options.text_geometry_token,
+    )
     detector.train()
     unused = parameters_without_text_gradients(detector, with_masks=job.with_masks)
     counts = apply_freeze(detector.model, loop.freeze, also_freeze=unused)
@@ -112,6 +118,10 @@ def build_detector(job: TrainJob, device: torch.device) -> Sam3Detector:
         loop.freeze,
         len(unused),
     )
+    if options.drop_path > 0 and not freezes_vision(loop.freeze):
+        # stochastic depth only where the ViT trains: in a frozen encoder it would only add noise to its features
+        rates = attach_drop_path(detector.model, options.drop_path).rates
+        logger.info("drop-path on %d ViT blocks, %.3g .. %.3g", len(rates), rates[0], rates[-1])
     if loop.activation_checkpointing:
         logger.info(enable_activation_checkpointing(detector.model).summary())
     if loop.compile:

@@ -232,7 +232,14 @@ def test_exported_model_in_plain_transformers_scores_like_predict(shapes_image, 
         vision = model.get_vision_features(pixel_values=inputs.pixel_values)
         for prompt in model.config.id2label.values():
             text = processor(text=prompt, return_tensors="pt")
-            outputs = model(vision_embeds=vision, input_ids=text.input_ids, attention_mask=text.attention_mask)
+            # one padding box: the geometry token the model was trained with (sam3.model.Sam3Detector.geometry_tokens)
+            outputs = model(
+                vision_embeds=vision,
+                input_ids=text.input_ids,
+                attention_mask=text.attention_mask,
+                input_boxes=torch.zeros(1, 1, 4),
+                input_boxes_labels=torch.tensor([[-10]]),
+            )
             result = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(200, 300)])[0]
             # ours are clipped to the image, transformers' are not
             boxes = result["boxes"].clamp(min=0).minimum(torch.tensor([300.0, 200.0, 300.0, 200.0]))

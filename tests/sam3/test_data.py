@@ -195,7 +195,7 @@ def write_counts_dataset(root: Path) -> None:
                 Ann(2, (4, 30, 10, 10)),
                 Ann(2, (20, 30, 10, 10)),
                 Ann(2, (40, 30, 20, 20), iscrowd=1),  # crowd dropped, the other two "b" stay
-                Ann(3, (4, 50, 10, 10), iscrowd=1),  # "c" only as a crowd: no query for "c" here
+                Ann(3, (4, 50, 10, 10), iscrowd=1),  # "c" only as a crowd: a negative query for "c" here
             ],
         ),
         Img(
@@ -206,7 +206,7 @@ def write_counts_dataset(root: Path) -> None:
                 Ann(1, (8, 8, 16, 16), segmentation=[]),  # empty polygon list -> filled box
                 Ann(2, (30, 8, 10, 12), segmentation=empty_rle),  # RLE of an all-zero mask -> filled box
                 Ann(3, (50, 50, 30, 30)),  # reaches past the 64 x 64 image: clipped to [50, 50, 64, 64]
-                Ann(4, (10, 40, 0, 5)),  # zero width: dropped; "d" then has no valid target, query dropped
+                Ann(4, (10, 40, 0, 5)),  # zero width: dropped; "d" then has no valid target, a negative query
             ],
         ),
     ]
@@ -220,18 +220,19 @@ def test_dropped_and_replaced_are_counted_exactly(tmp_path, caplog):
     stats = dataset.stats
     assert stats["crowd_annotations_dropped"] == 2
     assert stats["queries_over_max_targets_dropped"] == 1  # "a" in image 0
-    assert stats["queries_without_valid_targets_dropped"] == 2  # "c" in image 0 (crowd only), "d" in image 1
+    assert stats["queries_without_valid_targets_negative"] == 2  # "c" in image 0 (crowd only), "d" in image 1
     assert stats["empty_masks_filled"] == 2
     assert stats["boxes_clipped"] == 1
     assert stats["degenerate_boxes_dropped"] == 1
-    assert stats["positive_queries"] == 4 and stats["negative_queries"] == 1 and stats["targets"] == 5
+    # negatives: "c" (crowd only) and "d" (absent) in image 0, "d" (degenerate only) in image 1
+    assert stats["positive_queries"] == 4 and stats["negative_queries"] == 3 and stats["targets"] == 5
     # logged once, at INFO, with the counts
     build_lines = [r.getMessage() for r in caplog.records if "crowd_annotations_dropped 2" in r.getMessage()]
     assert len(build_lines) == 1
 
-    assert prompts_and_ids(dataset[0]) == [("b", 2, 2), ("d", 4, 0)]
+    assert prompts_and_ids(dataset[0]) == [("b", 2, 2), ("c", 3, 0), ("d", 4, 0)]
     s1 = dataset[1]
-    assert prompts_and_ids(s1) == [("a", 1, 1), ("b", 2, 1), ("c", 3, 1)]
+    assert prompts_and_ids(s1) == [("a", 1, 1), ("b", 2, 1), ("c", 3, 1), ("d", 4, 0)]
     # the empty masks became their boxes: "a" [8, 8, 24, 24] * 3.5 -> pixels 28..83, "b" [30, 8, 40, 20] -> 105..139
     # x, 28..69 y. masks_to_boxes gives inclusive indices.
     a_mask, b_mask = s1.queries[0].masks, s1.queries[1].masks

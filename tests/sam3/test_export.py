@@ -278,6 +278,17 @@ def test_card_snippet_runs_in_plain_transformers(exported, tmp_path, monkeypatch
     assert_same_as_our_inference(lines, exported, tmp_path / "image.jpg")
 
 
+def test_a_model_trained_without_the_geometry_token_gets_the_plain_call(tmp_path, monkeypatch):
+    """text_geometry_token false travels in config.json; its card's snippet calls Sam3Model.forward without the padding
+    box, and still prints what our inference (which reads the setting back) gives."""
+    folder = export_model(load_model("tiny", text_geometry_token=False), tmp_path / "model", CLASSES, CARD)
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    snippet = usage_snippet(str(folder), geometry_token=False)
+    assert snippet in card and "input_boxes" not in snippet and "trained without the geometry encoder's token" in card
+    lines = run_snippet(snippet, folder, shapes_picture(), tmp_path, monkeypatch)
+    assert_same_as_our_inference(lines, folder, tmp_path / "image.jpg")
+
+
 def test_readme_snippet_runs_in_plain_transformers(exported, tmp_path, monkeypatch):
     """The README's transformers example (the python block that loads Sam3Processor) runs on an export."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")

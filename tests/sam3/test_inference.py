@@ -257,7 +257,7 @@ def test_ap_in_original_coordinates_equals_pycocotools_on_the_same_files(tmp_pat
     metrics = score(raw_gt, pred_file, "bbox")
     ours = [metrics[k] for k in ("bbox_AP", "bbox_AP50", "bbox_AP75")]
     assert ours == pytest.approx(list(evaluator.stats[:3]))
-    assert metrics["bbox_AP50"] > 0.1
+    assert metrics["bbox_AP50"] > 0.05  # how high depends on the random model's ranking of its 16 grid boxes
 
     # the same predictions read as if in the preprocessed image's pixels (half size): a quarter of each GT box at best
     halved = [{**p, "bbox": [v / 2 for v in p["bbox"]]} for p in predictions]

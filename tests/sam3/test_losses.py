@@ -16,6 +16,7 @@ Numbers used below (x = logit):
     softplus(-0.5) = 0.474077
 """
 
+import math
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,11 @@ PRED_LOGITS = [1.0, -1.0]
 PRESENCE = 0.5
 
 
+def plain(**settings) -> LossConfig:
+    """The recipe's weights without the sqrt(queries) scale: the hand-worked values below are of the plain sums."""
+    return LossConfig(**{"scale_by_sqrt_num_queries": False, **settings})
+
+
 def _outputs(logits, boxes, presence, masks=None) -> dict:
     """Leaf tensors with gradients, shaped as the model returns them."""
     out = {
@@ -63,7 +69,7 @@ def test_box_l1_and_giou_by_hand():
     loss_giou = 2 * (1 - 1/3) / 1 = 1.333333
     """
     outputs, targets = _standard()
-    losses = Criterion()(outputs, targets)
+    losses = Criterion(plain())(outputs, targets)
     assert losses["loss_bbox"].item() == pytest.approx(0.5, abs=1e-6)
     assert losses["loss_giou"].item() == pytest.approx(4 / 3, abs=1e-5)  # torchvision adds 1e-7 to denominators
 
@@ -74,7 +80,7 @@ def test_identical_prediction_and_target_give_zero_box_loss():
     boxes = [[0.3, 0.3, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1], [0.6, 0.4, 0.3, 0.1]]
     outputs = _outputs([[0.0, 0.0, 0.0]], [boxes], [0.0])
     targets = [{"boxes": torch.tensor([boxes[2], boxes[0]])}]
-    losses = Criterion()(outputs, targets)
+    losses = Criterion(plain())(outputs, targets)
     assert losses["loss_bbox"].item() == 0.0
     assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-5)
 
@@ -88,7 +94,7 @@ def test_iou_aware_bce_matched_and_unmatched_by_hand():
     loss_ce = 20 * (9.076158 + 0.022658) / (1 query x 2 predictions) = 90.988158
     """
     outputs, targets = _standard()
-    losses = Criterion()(outputs, targets)
+    losses = Criterion(plain())(outputs, targets)
     assert losses["loss_ce"].item() == pytest.approx(90.988158, rel=1e-6)
 
 
@@ -101,7 +107,7 @@ def test_iou_aware_bce_gradients_show_what_is_detached():
         (a detached p^2 would give p * p^2 = 0.019452 -> 0.194523)
     """
     outputs, targets = _standard()
-    Criterion()(outputs, targets)["loss_ce"].backward()
+    Criterion(plain())(outputs, targets)["loss_ce"].backward()
     grad = outputs["pred_logits"].grad[0]
     assert grad[0].item() == pytest.approx(32.541267, rel=1e-5)
     assert grad[1].item() == pytest.approx(0.525811, rel=1e-5)
@@ -115,7 +121,7 @@ def test_presence_by_hand():
     """
     outputs = _outputs([PRED_LOGITS, [2.0, -2.0]], [PRED_BOXES, PRED_BOXES], [[PRESENCE], [-1.0]])
     targets = [{"boxes": torch.tensor([TARGET])}, {"boxes": torch.zeros(0, 4)}]
-    losses = Criterion()(outputs, targets)
+    losses = Criterion(plain())(outputs, targets)
     assert losses["loss_presence"].item() == pytest.approx(3.936693, rel=1e-6)
 
 
@@ -126,7 +132,7 @@ def test_query_without_targets_contributes_only_through_presence():
     Gradients: only the presence logit gets one.
     """
     outputs = _outputs([[2.0, -2.0]], [PRED_BOXES], [-1.0])
-    losses = Criterion()(outputs, [{"boxes": torch.zeros(0, 4)}])
+    losses = Criterion(plain())(outputs, [{"boxes": torch.zeros(0, 4)}])
     assert losses["loss_bbox"].item() == 0.0
     assert losses["loss_giou"].item() == 0.0
     assert losses["loss_ce"].item() == 0.0
@@ -147,7 +153,7 @@ def test_negative_query_with_ce_on_negative_prompts_adds_the_unmatched_term():
     loss_presence = 3.132617 as without the option; box terms 0.
     """
     outputs = _outputs([[2.0, -2.0]], [PRED_BOXES], [-1.0])
-    losses = Criterion(LossConfig(ce_on_negative_prompts=True))(outputs, [{"boxes": torch.zeros(0, 4)}])
+    losses = Criterion(plain(ce_on_negative_prompts=True))(outputs, [{"boxes": torch.zeros(0, 4)}])
     assert losses["loss_ce"].item() == pytest.approx(16.518840, rel=1e-5)
     assert losses["loss_presence"].item() == pytest.approx(3.132617, rel=1e-6)
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
@@ -159,7 +165,7 @@ def test_negative_query_still_counts_in_the_iabce_mean():
     loss_ce = 20 * (9.076158 + 0.022658 + 0 + 0) / (2 queries x 2 predictions) = 45.494079; box terms unchanged."""
     outputs = _outputs([PRED_LOGITS, [2.0, -2.0]], [PRED_BOXES, PRED_BOXES], [PRESENCE, -1.0])
     targets = [{"boxes": torch.tensor([TARGET])}, {"boxes": torch.zeros(0, 4)}]
-    losses = Criterion()(outputs, targets)
+    losses = Criterion(plain())(outputs, targets)
     assert losses["loss_ce"].item() == pytest.approx(45.494079, rel=1e-6)
     assert losses["loss_bbox"].item() == pytest.approx(0.5, abs=1e-6)
 
@@ -171,7 +177,7 @@ def test_focal_class_loss_by_hand():
     loss_ce = 2 * (0.005665 + 0.016994) / 1 = 0.045316
     """
     outputs, targets = _standard()
-    losses = Criterion(LossConfig(class_loss="focal"))(outputs, targets)
+    losses = Criterion(plain(class_loss="focal"))(outputs, targets)
     assert losses["loss_ce"].item() == pytest.approx(0.045316, rel=1e-4)
     assert losses["loss_bbox"].item() == pytest.approx(0.5, abs=1e-6)
 
@@ -183,7 +189,7 @@ def test_focal_class_loss_covers_negative_prompts():
     loss_ce = 2 * (1.237559 + 0.001353) / N_b (= max(1, 0) = 1) = 2.477823; no box terms.
     """
     outputs = _outputs([[2.0, -2.0]], [PRED_BOXES], [-1.0])
-    losses = Criterion(LossConfig(class_loss="focal"))(outputs, [{"boxes": torch.zeros(0, 4)}])
+    losses = Criterion(plain(class_loss="focal"))(outputs, [{"boxes": torch.zeros(0, 4)}])
     assert losses["loss_ce"].item() == pytest.approx(2.477823, rel=1e-6)
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
     assert losses["loss_presence"].item() == pytest.approx(3.132617, rel=1e-6)
@@ -208,7 +214,7 @@ def test_mask_focal_and_dice_by_hand_with_upsampling():
     targets = [
         {"boxes": torch.tensor([TARGET]), "masks": torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1]]], dtype=torch.bool)}
     ]
-    losses = Criterion(with_masks=True)(outputs, targets)
+    losses = Criterion(plain(), with_masks=True)(outputs, targets)
     assert losses["loss_mask"].item() == pytest.approx(1.223081, rel=1e-5)
     assert losses["loss_dice"].item() == pytest.approx(1.725086, rel=1e-5)
     assert losses["loss"].item() == pytest.approx(sum(v.item() for k, v in losses.items() if k != "loss"), rel=1e-6)
@@ -225,7 +231,7 @@ def test_masks_only_on_the_final_layer_and_zero_without_matches():
     """Mask terms come from the final layer only; a batch of negative prompts gives 0 for both (no match)."""
     outputs = _outputs([[2.0, -2.0]], [PRED_BOXES], [-1.0], masks=[[[[1.0]], [[-1.0]]]])
     outputs["aux_outputs"] = [_outputs([[2.0, -2.0]], [PRED_BOXES], [-1.0])]
-    losses = Criterion(with_masks=True)(outputs, [{"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 2, 2)}])
+    losses = Criterion(plain(), with_masks=True)(outputs, [{"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 2, 2)}])
     assert losses["loss_mask"].item() == 0.0 and losses["loss_dice"].item() == 0.0
     assert "loss_mask_0" not in losses and "loss_dice_0" not in losses
 
@@ -239,7 +245,7 @@ def test_aux_layers_add_suffixed_terms_matched_per_layer():
         _outputs([PRED_LOGITS[::-1]], [PRED_BOXES[::-1]], [PRESENCE]),
         _outputs([PRED_LOGITS], [PRED_BOXES], [PRESENCE]),
     ]
-    losses = Criterion()(outputs, targets)
+    losses = Criterion(plain())(outputs, targets)
     names = ["loss_bbox", "loss_giou", "loss_ce", "loss_presence"]
     assert set(losses) == {*names, *(f"{n}_0" for n in names), *(f"{n}_1" for n in names), "loss"}
     for name in names:
@@ -270,7 +276,7 @@ def test_gradients_are_finite_on_a_random_batch():
     for class_loss in ("iabce", "focal"):
         outputs = layer(masks=True)
         outputs["aux_outputs"] = [layer(masks=False), layer(masks=False)]
-        losses = Criterion(LossConfig(class_loss=class_loss), with_masks=True)(outputs, targets)
+        losses = Criterion(plain(class_loss=class_loss), with_masks=True)(outputs, targets)
         losses["loss"].backward()
         leaves = [outputs[k] for k in ("pred_logits", "pred_boxes", "presence_logits", "pred_masks")]
         leaves += [aux[k] for aux in outputs["aux_outputs"] for k in ("pred_logits", "pred_boxes", "presence_logits")]
@@ -283,9 +289,9 @@ def test_accumulated_micro_batches_sum_to_the_large_batch():
     micro-batch losses add up to the loss of the 2-query batch: 45.494079 for loss_ce, as worked out above."""
     logits, boxes, presence = [PRED_LOGITS, [2.0, -2.0]], [PRED_BOXES, PRED_BOXES], [PRESENCE, -1.0]
     targets = [{"boxes": torch.tensor([TARGET])}, {"boxes": torch.zeros(0, 4)}]
-    whole = Criterion()(_outputs(logits, boxes, presence), targets)
+    whole = Criterion(plain())(_outputs(logits, boxes, presence), targets)
     parts = [
-        Criterion()(_outputs(logits[i : i + 1], boxes[i : i + 1], presence[i : i + 1]), targets[i : i + 1], 1, 2)
+        Criterion(plain())(_outputs(logits[i : i + 1], boxes[i : i + 1], presence[i : i + 1]), targets[i : i + 1], 1, 2)
         for i in range(2)
     ]
     for name in whole:
@@ -293,29 +299,31 @@ def test_accumulated_micro_batches_sum_to_the_large_batch():
     assert (parts[0]["loss_ce"] + parts[1]["loss_ce"]).item() == pytest.approx(45.494079, rel=1e-6)
 
 
-def test_reference_sqrt_scaling_is_off_by_default():
-    """4 queries (the standard one 4 times): scale_by_sqrt_num_queries multiplies every term by sqrt(4) = 2."""
+def test_reference_sqrt_scaling_is_on_by_default():
+    """4 queries (the standard one 4 times): scale_by_sqrt_num_queries (the reference's, on by default) multiplies
+    every term by sqrt(4) = 2."""
     outputs = _outputs([PRED_LOGITS] * 4, [PRED_BOXES] * 4, [PRESENCE] * 4)
     targets = [{"boxes": torch.tensor([TARGET])}] * 4
-    plain = Criterion()(outputs, targets)
-    scaled = Criterion(LossConfig(scale_by_sqrt_num_queries=True))(outputs, targets)
-    for name in plain:
-        assert scaled[name].item() == pytest.approx(2 * plain[name].item(), rel=1e-6)
+    unscaled = Criterion(plain())(outputs, targets)
+    scaled = Criterion()(outputs, targets)
+    assert LossConfig().scale_by_sqrt_num_queries
+    for name in unscaled:
+        assert scaled[name].item() == pytest.approx(2 * unscaled[name].item(), rel=1e-6)
     # 4 targets, N_b = 4: loss_bbox = 5 * 4 * 0.1 / 4 = 0.5, the same as for one query
-    assert plain["loss_bbox"].item() == pytest.approx(0.5, abs=1e-6)
+    assert unscaled["loss_bbox"].item() == pytest.approx(0.5, abs=1e-6)
 
 
 def test_errors_say_what_to_change():
     with pytest.raises(ConfigError, match="class_loss='bce' is not known: use one of iabce, focal"):
-        Criterion(LossConfig(class_loss="bce"))
+        Criterion(plain(class_loss="bce"))
     outputs, targets = _standard()
     with pytest.raises(ConfigError, match="needs 'pred_masks'"):
-        Criterion(with_masks=True)(outputs, targets)
+        Criterion(plain(), with_masks=True)(outputs, targets)
     outputs["pred_masks"] = torch.zeros(1, 2, 4, 4)
     with pytest.raises(ConfigError, match="query 0 has 1 target boxes but no 'masks'"):
-        Criterion(with_masks=True)(outputs, targets)
+        Criterion(plain(), with_masks=True)(outputs, targets)
     with pytest.raises(ValueError, match="one target dict per query"):
-        Criterion()(outputs, targets * 2)
+        Criterion(plain())(outputs, targets * 2)
 
 
 def _normalisers_on_rank(rank: int, init_file: str, counts: list[tuple[float, float]], out_dir: str) -> None:
@@ -340,3 +348,100 @@ def test_normalisers_are_averaged_over_ranks(tmp_path):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "1.5 3.0"
     num_boxes, num_queries = normalisers(*counts[1], "cpu")
     assert (num_boxes.item(), num_queries.item()) == (1.0, 4.0)
+
+
+# One-to-many (DAC) terms. One query, target g = TARGET, 4 o2m slots, every logit 0 (p = 0.5, so BCE(0, t) = log 2
+# whatever the soft target t):
+#   slot 0 = g, slot 1 = g                    IoU 1    C = 0.3 * 0.5 + 0.7 * 1   = 0.85
+#   slot 2 = (0.55, 0.5, 0.2, 0.2)            IoU 0.6  C = 0.15 + 0.7 * 0.6     = 0.57
+#            (intersection 0.15 x 0.2 = 0.03, union 0.05; the enclosing box's area is 0.05 too, so GIoU = 0.6)
+#   slot 3 = (0.1, 0.1, 0.1, 0.1), far away   IoU 0    C = 0.15
+# With o2m_topk 3 the quantile level is 1 - 3/4 = 0.25: position 0.25 * 3 = 0.75 of the sorted C, 0.15 + 0.75 *
+# (0.57 - 0.15) = 0.465. Above it and above the threshold 0.4: slots 0, 1, 2, so the target takes 3 slots.
+O2M_BOXES = [[TARGET, TARGET, [0.55, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]]
+LOG2 = math.log(2)
+
+
+def _o2m_outputs(masks=None) -> dict:
+    """o2o outputs (the standard case) plus o2m outputs in the final dict and in one aux entry, as the model gives."""
+    out = _outputs([PRED_LOGITS], [PRED_BOXES], [PRESENCE])
+    out["pred_logits_o2m"] = torch.zeros(1, 4, requires_grad=True)
+    out["pred_boxes_o2m"] = torch.tensor(O2M_BOXES, requires_grad=True)
+    if masks is not None:
+        out["pred_masks"] = torch.zeros(1, 2, 2, 2)
+        out["pred_masks_o2m"] = torch.tensor(masks, requires_grad=True)
+    aux = _outputs([PRED_LOGITS], [PRED_BOXES], [PRESENCE])
+    aux.update(pred_logits_o2m=out["pred_logits_o2m"], pred_boxes_o2m=out["pred_boxes_o2m"])
+    out["aux_outputs"] = [aux]
+    return out
+
+
+def test_one_to_many_terms_by_hand_a_target_takes_three_slots():
+    """Slots 0, 1, 2 matched (N_b = 1), times o2m_weight 2:
+    loss_bbox_o2m = 2 * 5 * (0 + 0 + 0.05)                                   = 0.5
+    loss_giou_o2m = 2 * 2 * ((1 - 1) + (1 - 1) + (1 - 0.6))                 = 1.6
+    loss_ce_o2m   = 2 * 20 * (3 matched * 10 * log 2 + slot 3: log 2 * 0.5^2) / (1 query x 4 slots)
+                  = 2 * 20 * 30.25 log 2 / 4                                 = 209.6771
+    No presence term of its own. The aux layer's o2m outputs use Hungarian matching (the recipe's
+    use_o2m_matcher_on_o2m_aux false): one slot (slot 0, the first of the two perfect ones) takes the target:
+    loss_bbox_o2m_0 = 0, loss_ce_o2m_0 = 2 * 20 * (10 log 2 + 3 * log 2 * 0.25) / 4 = 107.5 log 2 = 74.5133."""
+    losses = Criterion(plain(o2m_topk=3))(_o2m_outputs(), [{"boxes": torch.tensor([TARGET])}])
+    assert losses["loss_bbox_o2m"].item() == pytest.approx(0.5, rel=1e-5)
+    assert losses["loss_giou_o2m"].item() == pytest.approx(1.6, abs=1e-4)  # float32 GIoU of equal boxes: 1 - 5e-6
+    assert losses["loss_ce_o2m"].item() == pytest.approx(2 * 20 * 30.25 * LOG2 / 4, rel=1e-6)
+    assert losses["loss_ce_o2m"].item() == pytest.approx(209.6771, rel=1e-6)
+    assert "loss_presence_o2m" not in losses and "loss_presence_o2m_0" not in losses
+    assert losses["loss_bbox_o2m_0"].item() == pytest.approx(0.0, abs=1e-7)
+    assert losses["loss_ce_o2m_0"].item() == pytest.approx(107.5 * LOG2, rel=1e-6)
+    # the total holds them beside the o2o terms, which are what they were without the o2m outputs
+    o2o_only = _o2m_outputs()
+    for layer in (o2o_only, o2o_only["aux_outputs"][0]):
+        del layer["pred_logits_o2m"], layer["pred_boxes_o2m"]
+    without = Criterion(plain(o2m_topk=3))(o2o_only, [{"boxes": torch.tensor([TARGET])}])
+    o2m_total = sum(value.item() for name, value in losses.items() if "_o2m" in name)
+    assert losses["loss"].item() == pytest.approx(without["loss"].item() + o2m_total, rel=1e-6)
+    assert set(losses) - set(without) == {name for name in losses if "_o2m" in name}
+
+
+def test_one_to_many_threshold_removes_matches_above_the_quantile():
+    """Threshold 0.6: slot 2 (C 0.57) is above the quantile 0.465 but not the threshold; slots 0 and 1 remain.
+    loss_bbox_o2m = loss_giou_o2m = 0 (both are g), loss_ce_o2m = 2 * 20 * (2 * 10 log 2 + 2 * 0.25 log 2) / 4
+    = 205 log 2 = 142.0952. The weight scales every term: o2m_weight 1 halves it."""
+    targets = [{"boxes": torch.tensor([TARGET])}]
+    losses = Criterion(plain(o2m_topk=3, o2m_threshold=0.6))(_o2m_outputs(), targets)
+    assert losses["loss_bbox_o2m"].item() == pytest.approx(0.0, abs=1e-7)
+    assert losses["loss_giou_o2m"].item() == pytest.approx(0.0, abs=1e-4)  # float32 GIoU of equal boxes
+    assert losses["loss_ce_o2m"].item() == pytest.approx(205 * LOG2, rel=1e-6)
+    halved = Criterion(plain(o2m_topk=3, o2m_threshold=0.6, o2m_weight=1.0))(_o2m_outputs(), targets)
+    assert halved["loss_ce_o2m"].item() == pytest.approx(102.5 * LOG2, rel=1e-6)
+
+
+def test_one_to_many_all_negative_prompt():
+    """No target: nothing matched; the o2m classification of a negative prompt is zeroed like the o2o one (it is
+    supervised by the shared presence term alone), so every o2m term is 0 and still in the graph."""
+    losses = Criterion(plain())(_o2m_outputs(), [{"boxes": torch.zeros(0, 4)}])
+    for name in ("loss_bbox_o2m", "loss_giou_o2m", "loss_ce_o2m", "loss_bbox_o2m_0", "loss_ce_o2m_0"):
+        assert losses[name].item() == 0.0, name
+    assert losses["loss_presence"].item() > 0
+
+
+def test_one_to_many_mask_terms_on_the_final_layer():
+    """Mask logits 0 (p = 0.5) for every slot, target mask all ones (2 x 2). Matched slots 0, 1, 2:
+    focal per pixel = 0.25 * 0.5^2 * log 2; loss_mask_o2m = 2 * 200 * 3 * 0.0625 log 2 = 75 log 2 = 51.986
+    dice = 1 - (2 * 2 + 1) / (2 + 4 + 1) = 2/7 per slot; loss_dice_o2m = 2 * 10 * 3 * 2/7 = 17.142857."""
+    targets = [{"boxes": torch.tensor([TARGET]), "masks": torch.ones(1, 2, 2, dtype=torch.bool)}]
+    losses = Criterion(plain(o2m_topk=3), with_masks=True)(_o2m_outputs(masks=[[[[0.0] * 2] * 2] * 4]), targets)
+    assert losses["loss_mask_o2m"].item() == pytest.approx(75 * LOG2, rel=1e-6)
+    assert losses["loss_dice_o2m"].item() == pytest.approx(120 / 7, rel=1e-6)
+    assert "loss_mask_o2m_0" not in losses  # masks on the final layer only
+
+
+def test_a_slot_matched_to_two_targets_is_one_positive_with_its_best_overlap():
+    """Two targets g and g' = (0.55, 0.5, 0.2, 0.2). Slot 0 = g overlaps both (IoU 1 and 0.6). Its classification
+    target is the best one (IoU 1), counted once, while both pairs count for the boxes."""
+    from sam3.losses import best_pair_per_prediction
+
+    query, pred, iou = best_pair_per_prediction(
+        torch.tensor([0, 0, 0]), torch.tensor([0, 0, 2]), torch.tensor([1.0, 0.6, 0.3]), torch.Size([1, 4])
+    )
+    assert query.tolist() == [0, 0] and pred.tolist() == [0, 2] and iou.tolist() == pytest.approx([1.0, 0.3])

@@ -94,8 +94,17 @@ def test_tiny_is_seeded_and_leaves_caller_rng_alone(detector: Sam3Detector) -> N
     assert not torch.equal(other.state_dict()[weight], detector.state_dict()[weight])
 
 
-def test_last_layer_equals_sam3model_forward(detector: Sam3Detector) -> None:
+@pytest.mark.parametrize("geometry_token", [False, True])
+def test_last_layer_equals_sam3model_forward(geometry_token: bool) -> None:
+    """Off: our forward is `Sam3Model.forward` with a text prompt. On (Meta's behaviour): it is `Sam3Model.forward`
+    given one padding box (label -10), which leaves the geometry encoder's CLS token as the prompt's only extra
+    token: the recipe the exported model's README gives plain transformers users."""
+    detector = load_model("tiny", text_geometry_token=geometry_token)
     batch = make_batch()
+    num_queries = len(QUERY_IMAGE)
+    boxes = {}
+    if geometry_token:
+        boxes = {"input_boxes": torch.zeros(num_queries, 1, 4), "input_boxes_labels": torch.full((num_queries, 1), -10)}
     captured = {}
     hooks = [
         detector.model.detr_decoder.register_forward_hook(lambda m, i, o: captured.update(decoder=o)),
@@ -109,6 +118,7 @@ def test_last_layer_equals_sam3model_forward(detector: Sam3Detector) -> None:
             pixel_values=batch.pixel_values[batch.query_image],
             input_ids=batch.input_ids[batch.query_prompt],
             attention_mask=batch.attention_mask[batch.query_prompt],
+            **boxes,
         )
     for hook in hooks:
         hook.remove()
@@ -127,6 +137,10 @@ def test_last_layer_equals_sam3model_forward(detector: Sam3Detector) -> None:
         aux["presence_logits"], captured["decoder"].presence_logits[0].squeeze(-1), atol=1e-5, rtol=0
     )
     assert not torch.allclose(aux["pred_boxes"], ours["pred_boxes"])  # two different layers
+    if geometry_token:  # the token changes the outputs: the comparison above is not the plain forward's
+        plain = load_model("tiny", text_geometry_token=False)
+        with torch.no_grad():
+            assert not torch.allclose(plain(batch)["pred_logits"], ours["pred_logits"], atol=1e-3)
 
 
 def test_output_shapes(detector: Sam3Detector) -> None:
@@ -213,13 +227,19 @@ def test_backward_gives_finite_grads_and_unused_list_is_exact(with_masks: bool) 
     tensors += [v for aux in outputs["aux_outputs"] for v in aux.values()]
     sum(t.sum() for t in tensors).backward()
     named = dict(detector.model.named_parameters())
-    without_grad = {name for name, p in named.items() if p.grad is None}
+    # none, or exactly zero: the geometry encoder's box parts run on an empty box list for the geometry token
+    without_grad = {name for name, p in named.items() if p.grad is None or not p.grad.any()}
     assert all(torch.isfinite(p.grad).all() for name, p in named.items() if name not in without_grad)
     unused = parameters_without_text_gradients(detector, with_masks=with_masks)
     assert set(unused) == without_grad
     assert "text_encoder.text_projection.weight" in unused
     assert "vision_encoder.neck.fpn_layers.3.proj1.weight" in unused  # the 0.5x level
     assert "geometry_encoder.boxes_direct_project.weight" in unused
+    # the geometry token (on by default) trains the encoder's CLS path: embedding, projection, layers
+    for name in ("cls_embed.weight", "final_proj.weight", "layers.0.cross_attn.q_proj.weight"):
+        assert f"geometry_encoder.{name}" not in unused and named[f"geometry_encoder.{name}"].grad.abs().sum() > 0
+    without_token = parameters_without_text_gradients(detector, with_masks, text_geometry_token=False)
+    assert {n for n in named if n.startswith("geometry_encoder.")} <= set(without_token)
     assert ("mask_decoder.mask_embedder.layers.0.weight" in unused) is (not with_masks)
     assert ("vision_encoder.neck.fpn_layers.0.proj1.weight" in unused) is (not with_masks)
     assert "vision_encoder.neck.fpn_layers.2.proj1.weight" not in unused  # the 1x level feeds the DETR parts

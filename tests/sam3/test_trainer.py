@@ -32,6 +32,7 @@ from sam3.freeze import FREEZE_MODES
 from sam3.model import Sam3Detector, load_model, parameters_without_text_gradients
 from tests.training_runs import (
     IMAGE_SIZE,
+    SPLIT_INVARIANT,
     TEST_OPTIM,
     NanOnCall,
     build_small_shapes,
@@ -88,7 +89,7 @@ def reference_run(shapes, tmp_path_factory):
 def batch4_run(shapes, no_dropout_model, tmp_path_factory) -> Path:
     """3 steps at batch 4 of the dropout-free tiny model: the reference of the accumulation and DDP tests."""
     run_dir = tmp_path_factory.mktemp("batch4")
-    trainer.train(make_job(run_dir, shapes, no_dropout_model, batch_size=4, accumulation=1))
+    trainer.train(make_job(run_dir, shapes, no_dropout_model, batch_size=4, accumulation=1, **SPLIT_INVARIANT))
     return run_dir
 
 
@@ -105,7 +106,7 @@ def _assert_same_training(run_dir: Path, reference_dir: Path, initial_dir: Path)
 
 
 def test_trainer_accumulation_2_x_2_equals_batch_4(batch4_run, shapes, no_dropout_model, tmp_path):
-    trainer.train(make_job(tmp_path, shapes, no_dropout_model, batch_size=2, accumulation=2))
+    trainer.train(make_job(tmp_path, shapes, no_dropout_model, batch_size=2, accumulation=2, **SPLIT_INVARIANT))
     _assert_same_training(tmp_path, batch4_run, no_dropout_model)
 
 
@@ -118,7 +119,9 @@ def test_activation_checkpointing_and_compiled_vit_blocks_train_the_same(
     from sam3.compiling import compile_vit_blocks
 
     monkeypatch.setattr(run_setup, "compile_vit_blocks", partial(compile_vit_blocks, backend="aot_eager"))
-    job = make_job(tmp_path, shapes, no_dropout_model, batch_size=4, activation_checkpointing=True, compile=True)
+    job = make_job(
+        tmp_path, shapes, no_dropout_model, batch_size=4, activation_checkpointing=True, compile=True, **SPLIT_INVARIANT
+    )
     trainer.train(job)
     _assert_same_training(tmp_path, batch4_run, no_dropout_model)
 
@@ -292,7 +295,7 @@ def test_nan_after_the_rollback_budget_raises_divergence_error(shapes, tmp_path,
 
 @pytest.mark.slow
 def test_two_gloo_processes_at_batch_2_equal_one_process_at_batch_4(batch4_run, shapes, no_dropout_model, tmp_path):
-    two_job = make_job(tmp_path / "run", shapes, no_dropout_model, batch_size=2)
+    two_job = make_job(tmp_path / "run", shapes, no_dropout_model, batch_size=2, **SPLIT_INVARIANT)
     mp.spawn(ddp_train_worker, args=(2, get_free_port(), two_job, str(tmp_path)), nprocs=2, join=True)
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
