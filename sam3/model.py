@@ -405,16 +405,18 @@ class Sam3Detector(nn.Module):
         input_boxes [[[0, 0, 0, 0]]] with input_boxes_labels [[-10]] (masked out everywhere, so only the CLS
         token remains valid; tests/sam3/test_model.py checks the equality).
         """
-        levels, position = vision_features.levels[-1], vision_features.position
-        batch = levels.shape[0]
-        no_boxes = levels.new_zeros(batch, 0, 4)
-        out = self.model.geometry_encoder(
-            box_embeddings=no_boxes,
-            box_mask=torch.zeros(batch, 0, dtype=torch.bool, device=levels.device),
-            box_labels=torch.zeros(batch, 0, dtype=torch.long, device=levels.device),
-            img_feats=(levels,),
-            img_pos_embeds=(position.expand(batch, -1, -1, -1),),
-        )
+        levels, position = vision_features.levels[-1].float(), vision_features.position.float()
+        batch, device = levels.shape[0], levels.device
+        # fp32, outside autocast: the encoder's box path (roi_align over the empty box list) casts bf16 features to
+        # fp16, which autocast's type promotion refuses ("Unexpected floating ScalarType"); one token costs nothing
+        with torch.autocast(device_type=device.type, enabled=False):
+            out = self.model.geometry_encoder(
+                box_embeddings=levels.new_zeros(batch, 0, 4),
+                box_mask=torch.zeros(batch, 0, dtype=torch.bool, device=device),
+                box_labels=torch.zeros(batch, 0, dtype=torch.long, device=device),
+                img_feats=(levels,),
+                img_pos_embeds=(position.expand(batch, -1, -1, -1),),
+            )
         return out.last_hidden_state  # [B, 1, D]: the CLS token, the only one
 
     def forward(self, batch: PromptBatch, with_masks: bool = False) -> dict:

@@ -142,3 +142,14 @@ def test_geometry_token_setting_travels_with_the_exported_folder(tmp_path) -> No
     config.write_text(json.dumps(raw))
     assert load_model(tmp_path / "on").text_geometry_token is True
     assert load_model(tmp_path / "on", text_geometry_token=False).text_geometry_token is False
+
+
+def test_geometry_token_runs_under_bf16_autocast_and_trains() -> None:
+    """The trainer's bf16 autocast (here the CPU's, as bench.speed --amp bf16 runs it): the geometry encoder's box path
+    would cast bf16 features to fp16 inside autocast and fail; the token is computed in fp32 outside it."""
+    detector = load_model("tiny", one_to_many=True).train()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        outputs = detector(make_batch(), with_masks=True)
+    assert outputs["pred_logits"].dtype == torch.bfloat16  # the rest of the forward did run under autocast
+    (outputs["pred_logits"].float().sum() + outputs["pred_logits_o2m"].float().sum()).backward()
+    assert detector.model.geometry_encoder.cls_embed.weight.grad.abs().sum() > 0
