@@ -1,9 +1,12 @@
 """Box operations that torchvision.ops lacks.
 
 Everything torchvision.ops has (`box_convert`, `box_iou`, `generalized_box_iou`, `generalized_box_iou_loss`) is
-used from there. What it lacks is the IoU of PAIRED boxes (row i of one set against row i of the other): the
-IoU-aware classification loss needs it for every matched (prediction, target) pair, and taking the diagonal of
-the pairwise `box_iou` matrix would cost M x M memory and time for M pairs instead of M.
+used from there. What it lacks:
+- the IoU of PAIRED boxes (row i of one set against row i of the other): the IoU-aware classification loss needs it
+  for every matched (prediction, target) pair, and taking the diagonal of the pairwise `box_iou` matrix would cost
+  M x M memory and time for M pairs instead of M (`paired_box_iou`);
+- a BATCHED pairwise IoU ([..., N, 4] against [..., M, 4]) that gives 0, not NaN, for two zero-area boxes: the
+  one-to-many matcher scores every query's predictions against its targets at once (`pairwise_box_iou`).
 """
 
 from __future__ import annotations
@@ -37,3 +40,22 @@ def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
     return inter / (area1 + area2 - inter).clamp(min=_UNION_EPS)
+
+
+def pairwise_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Batched IoU of every box in `boxes1` with every box in `boxes2`.
+
+    Args:
+        boxes1: float [..., N, 4] in (x1, y1, x2, y2). boxes2: float [..., M, 4] in (x1, y1, x2, y2).
+
+    Returns:
+        float [..., N, M]; inter / max(union, 1e-7), so two zero-area boxes have IoU 0, not NaN.
+    """
+    top_left = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    inter_wh = (bottom_right - top_left).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    union = area1[..., :, None] + area2[..., None, :] - inter
+    return inter / union.clamp(min=_UNION_EPS)

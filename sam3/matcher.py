@@ -39,6 +39,41 @@ _PAD_BOX = (0.5, 0.5, 1.0, 1.0)
 
 
 @dataclass
+class PaddedTargets:
+    """The target boxes of a batch of queries in one tensor, as both matchers compute over them.
+
+    sizes  n_q of every query (0 for a negative prompt)
+    rows   the queries with n_q > 0, in order
+    boxes  float [len(rows), max n_q, 4] normalised cxcywh: row r holds query rows[r]'s targets, then _PAD_BOX;
+           None when no query has a target
+    """
+
+    sizes: list[int]
+    rows: list[int]
+    boxes: torch.Tensor | None
+
+
+def pad_targets(targets: list[dict], num_queries: int, device: torch.device, dtype: torch.dtype) -> PaddedTargets:
+    """Pad the `boxes` of `targets` (one dict per query) into one tensor on `device` in `dtype`; ValueError when
+    there is not one target dict per query."""
+    if len(targets) != num_queries:
+        raise ValueError(f"{len(targets)} targets for {num_queries} queries: need one target dict per query")
+    sizes = [int(t["boxes"].shape[0]) for t in targets]
+    rows = [q for q, n in enumerate(sizes) if n > 0]
+    if not rows:
+        return PaddedTargets(sizes, rows, None)
+    boxes = torch.tensor(_PAD_BOX, device=device, dtype=dtype).repeat(len(rows), max(sizes), 1)
+    for row, q in enumerate(rows):
+        boxes[row, : sizes[q]] = targets[q]["boxes"].to(boxes)
+    return PaddedTargets(sizes, rows, boxes)
+
+
+def no_matches(num_queries: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`num_queries` empty (pred_idx, tgt_idx) pairs: what a matcher returns for a query it matches nothing in."""
+    return [(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) for _ in range(num_queries)]
+
+
+@dataclass
 class HungarianMatcher:
     """Match predictions to targets per query, minimising the recipe's cost (see the module docstring).
 
@@ -78,19 +113,13 @@ class HungarianMatcher:
             prediction pred_idx[k] of query q is matched to target tgt_idx[k]. Empty for a query without targets.
         """
         num_queries, num_preds = pred_logits.shape
-        if len(targets) != num_queries:
-            raise ValueError(f"{len(targets)} targets for {num_queries} queries: need one target dict per query")
-        sizes = [int(t["boxes"].shape[0]) for t in targets]
-        matches = [(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) for _ in sizes]
-        with_targets = [q for q, n in enumerate(sizes) if n > 0]
+        # All queries at once on the model's device, padded to the most targets, then one copy to the CPU.
+        padded = pad_targets(targets, num_queries, pred_boxes.device, pred_boxes.dtype)
+        matches = no_matches(num_queries)
+        sizes, with_targets = padded.sizes, padded.rows
         if not with_targets:
             return matches
-
-        # All queries at once on the model's device, padded to the most targets, then one copy to the CPU.
-        tgt = pred_boxes.new_tensor(_PAD_BOX).repeat(len(with_targets), max(sizes), 1)  # [Q', n_max, 4]
-        for row, q in enumerate(with_targets):
-            tgt[row, : sizes[q]] = targets[q]["boxes"].to(tgt)
-        cost = self.cost(pred_logits[with_targets], pred_boxes[with_targets], tgt).double().cpu()
+        cost = self.cost(pred_logits[with_targets], pred_boxes[with_targets], padded.boxes).double().cpu()
 
         for row, q in enumerate(with_targets):
             if sizes[q] > num_preds:

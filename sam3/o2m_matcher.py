@@ -27,7 +27,8 @@ Where this differs from Meta's code, deliberately:
 - Non-finite C (a NaN/inf logit or box, i.e. a diverging run) never matches and ranks below every finite slot in
   the quantile. In Meta's code one NaN slot makes torch.quantile return NaN for that target, so the target gets no
   match at all. Non-finite entries are counted in `non_finite_count`, with a warning the first time.
-- IoU of two zero-area boxes is 0 (union clamped at 1e-7, as in sam3.box_ops) instead of Meta's 0 / 0 = NaN.
+- IoU of two zero-area boxes is 0 (`sam3.box_ops.pairwise_box_iou`: union clamped at 1e-7) instead of Meta's
+  0 / 0 = NaN.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from dataclasses import dataclass, field
 import torch
 from torchvision.ops import box_convert
 
+from sam3.box_ops import pairwise_box_iou
 from sam3.errors import ConfigError
+from sam3.matcher import no_matches, pad_targets
 
 log = logging.getLogger(__name__)
 
@@ -46,32 +49,6 @@ log = logging.getLogger(__name__)
 # [0, 1] and IoU in [0, 1]), so a broken slot ranks last. Finite, because torch.quantile's linear interpolation
 # between -inf and a finite value gives NaN. Those entries are masked out of the matches separately anyway.
 _NON_FINITE_FILL = -1e9
-
-# Keeps 0 / 0 out of the IoU of two zero-area boxes (same value as sam3.box_ops).
-_UNION_EPS = 1e-7
-
-# Fills the padding of queries with fewer targets than the most crowded one. The quantile is taken per target
-# column, so the padding columns never influence the real ones; they are masked out of the matches.
-_PAD_BOX = (0.5, 0.5, 1.0, 1.0)
-
-
-def pairwise_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Batched IoU of every box in `boxes1` with every box in `boxes2`.
-
-    Args:
-        boxes1: float [..., N, 4] in (x1, y1, x2, y2). boxes2: float [..., M, 4] in (x1, y1, x2, y2).
-
-    Returns:
-        float [..., N, M]; inter / max(union, 1e-7), so two zero-area boxes have IoU 0, not NaN.
-    """
-    top_left = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    bottom_right = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    inter_wh = (bottom_right - top_left).clamp(min=0)
-    inter = inter_wh[..., 0] * inter_wh[..., 1]
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    union = area1[..., :, None] + area2[..., None, :] - inter
-    return inter / union.clamp(min=_UNION_EPS)
 
 
 @dataclass
@@ -125,19 +102,15 @@ class OneToManyMatcher:
             targets or without any pair passing both tests.
         """
         num_queries, num_preds = pred_logits.shape
-        if len(targets) != num_queries:
-            raise ValueError(f"{len(targets)} targets for {num_queries} queries: need one target dict per query")
-        sizes = [int(t["boxes"].shape[0]) for t in targets]
-        matches = [(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) for _ in sizes]
-        with_targets = [q for q, n in enumerate(sizes) if n > 0]
+        # All queries at once on the model's device, padded to the most targets, then one copy to the CPU. The
+        # quantile is taken per target column, so padding columns never influence the real ones; they are masked
+        # out of the matches.
+        padded = pad_targets(targets, num_queries, pred_boxes.device, torch.float32)
+        matches = no_matches(num_queries)
+        sizes, with_targets, tgt = padded.sizes, padded.rows, padded.boxes  # tgt [Q', n_max, 4]
         if not with_targets or num_preds == 0:
             return matches
-
-        # All queries at once on the model's device, padded to the most targets, then one copy to the CPU.
-        n_max = max(sizes)
-        tgt = pred_boxes.new_tensor(_PAD_BOX).float().repeat(len(with_targets), n_max, 1)  # [Q', n_max, 4]
-        for row, q in enumerate(with_targets):
-            tgt[row, : sizes[q]] = targets[q]["boxes"].to(tgt)
+        n_max = tgt.shape[1]
         num_real = torch.tensor([sizes[q] for q in with_targets], device=tgt.device)
         real = (torch.arange(n_max, device=tgt.device) < num_real[:, None])[:, None, :]  # [Q', 1, n_max]
 

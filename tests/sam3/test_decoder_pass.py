@@ -1,6 +1,8 @@
 """The recipe's forward over transformers' modules (sam3.decoder_pass, Sam3Detector): the one-to-many (DAC) queries,
 unclamped presence logits, the geometry token of text prompts, and the score clamp the reference keeps."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,8 +137,6 @@ def test_geometry_token_setting_travels_with_the_exported_folder(tmp_path) -> No
     assert load_model(tmp_path / "on").text_geometry_token is True
     # a folder that does not say (a facebook/sam3 download): Meta's behaviour, the token on
     config = tmp_path / "on" / "config.json"
-    import json
-
     raw = json.loads(config.read_text())
     del raw["text_geometry_token"]
     config.write_text(json.dumps(raw))
