@@ -13,7 +13,9 @@ Lines, in order:
   trainer's epoch keys and persistent workers): `images_per_s` for each number of `workers` over the second epoch
   (the first, untimed, starts the workers, which the trainer does once per run), and `images_per_s_per_worker`.
 - `train`: one line per freeze mode x feature cache x batch size: `images_per_s`, `step_ms`, `peak_mem_gb`,
-  `flops_per_image`, `mfu`. Batch 1 and then doubling up to `--max-batch`, stopping at the first out-of-memory;
+  `flops_per_image`, `mfu`, and the host syncs of one more step (`host_syncs_per_step`, `host_syncs_by_kind`,
+  `host_syncs_by_origin`: "ours", "transformers", "backward"; `--sync-sites` adds them per file:line; see
+  `sam3.host_sync`). Batch 1 and then doubling up to `--max-batch`, stopping at the first out-of-memory;
   `best` is true on the fastest batch of each mode (and cache setting). The step is `sam3.engine.train_step`
   as the trainer runs it (forward over every decoder layer, Hungarian matching, the recipe's losses, backward,
   clipping, AdamW over the recipe's groups, fused); the batch is synthetic (random pixels, `--prompts`
@@ -65,8 +67,9 @@ from sam3.data import CocoPromptDataset, collate_prompts
 from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.features import CachedDetector
 from sam3.freeze import FREEZE_MODES, apply_freeze, freezes_text
+from sam3.host_sync import HostSyncs, count_host_syncs
 from sam3.losses import Criterion
-from sam3.memory import enable_activation_checkpointing, peak_memory_gb
+from sam3.memory import CHECKPOINT_PARTS, DETR_PARTS, enable_activation_checkpointing, peak_memory_gb
 from sam3.model import load_model, parameters_without_text_gradients
 from sam3.optim import OptimConfig, build_optimizer
 
@@ -133,6 +136,15 @@ def count_step_flops(model, criterion, optimizer, batch, device, args) -> float:
     return float(counter.get_total_flops())
 
 
+def count_step_syncs(model, criterion, optimizer, batch, device, args) -> HostSyncs:
+    """Host syncs of one more step like the timed ones (not a log step: nothing is read for logging), counted by
+    `sam3.host_sync.count_host_syncs`."""
+    with count_host_syncs(device) as syncs:
+        result = bench_step(model, criterion, optimizer, batch, device, args.with_masks, amp=args.amp)
+        float(result.mean_loss)  # what the divergence guard reads (sam3.training.fit): read by the step already
+    return syncs
+
+
 def train_line(detector, freeze: str, cached: bool, batch_size: int, args, device, peak_tflops: float) -> dict:
     """One `train` line: freeze, optimiser, warm-up, timed steps, FLOPs and peak memory.
 
@@ -142,7 +154,8 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
     model = detector.model
     apply_freeze(model, freeze, also_freeze=parameters_without_text_gradients(detector, with_masks=args.with_masks))
     if args.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        parts = CHECKPOINT_PARTS if args.activation_checkpointing == "encoders" else CHECKPOINT_PARTS + DETR_PARTS
+        enable_activation_checkpointing(model, parts)
     model.zero_grad(set_to_none=True)
     optimizer = build_optimizer(model, OptimConfig(), model.config.vision_config.backbone_config.num_hidden_layers)
     criterion = Criterion(with_masks=args.with_masks)
@@ -165,6 +178,7 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
         seconds = (time.perf_counter() - started) / args.steps
         # read before counting FLOPs: FlopCounterMode's step holds more memory than a plain one
         peak_mem = peak_memory_gb(device)
+        syncs = count_step_syncs(step_model, criterion, optimizer, batch, device, args)
         flops = None if args.no_flops else count_step_flops(step_model, criterion, optimizer, batch, device, args)
     finally:
         optimizer.state.clear()  # free the AdamW moments before the next line builds its own optimiser
@@ -187,6 +201,10 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
         "peak_mem_gb": round(peak_mem, 3),
         "flops_per_image": None if flops is None else round(flops / batch_size),
         "mfu": None if flops is None else round(flops / batch_size * rate / (peak_tflops * 1e12), 4),
+        "host_syncs_per_step": syncs.total,
+        "host_syncs_by_kind": syncs.by_kind,
+        "host_syncs_by_origin": syncs.by_origin,
+        **({"host_sync_sites": dict(syncs.sites.most_common())} if args.sync_sites else {}),
     }
 
 
@@ -235,7 +253,14 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, help="largest batch tried (default: 8 on CPU, 32 on CUDA)")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per image (default: 4)")
     parser.add_argument("--with-masks", action="store_true", help="segmentation mode: mask decoder and mask losses")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the trainable encoders")
+    parser.add_argument(
+        "--activation-checkpointing",
+        nargs="?",
+        const="all",
+        choices=("all", "encoders"),
+        help="checkpoint the trainable blocks: all (the flag alone: ViT, text, DETR encoder and decoder, as "
+        "train.activation_checkpointing does) or encoders (ViT and text only, as before the DETR layers were)",
+    )
     parser.add_argument(
         "--amp",
         choices=("auto", "bf16", "fp32"),
@@ -255,6 +280,9 @@ def main() -> None:
         choices=("both", "on", "off"),
         default="both",
         help="train lines with the one-to-many (DAC) queries, without, or both (default)",
+    )
+    parser.add_argument(
+        "--sync-sites", action="store_true", help="add each train line's host syncs per kind, origin and file:line"
     )
     parser.add_argument(
         "--no-flops",

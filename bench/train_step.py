@@ -33,7 +33,13 @@ from sam3.memory import peak_memory_gb
 from sam3.model import load_model, parameters_without_text_gradients
 from sam3.optim import OptimConfig, build_optimizer
 
-PHRASES = ("red circle", "blue square", "green triangle", "yellow star", "dog", "car", "person", "tree")
+# 32 distinct prompts: RF100-VL datasets have up to dozens of categories, each absent one a negative prompt
+PHRASES = (
+    *("red circle", "blue square", "green triangle", "yellow star", "dog", "car", "person", "tree"),
+    *("bicycle", "boat", "traffic light", "bird", "horse", "sheep", "cow", "elephant"),
+    *("bottle", "cup", "chair", "potted plant", "laptop", "keyboard", "book", "clock"),
+    *("crack", "rust spot", "weld seam", "solar panel", "wind turbine", "ship wake", "cell nucleus", "leaf blight"),
+)
 
 
 def synthetic_batch(batch: int, image_size: int, prompts: int, with_masks: bool, seed: int = 0):

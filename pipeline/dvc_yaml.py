@@ -177,16 +177,14 @@ def dataset_stages(layout: Layout, variant: Variant) -> list[Stage]:
         ),
         Stage(
             "train", command["train"], [checked, layout.preprocessed, layout.negatives, layout.features],
-            [
-                layout.model,
-                {f"{layout.run}/checkpoints": {"persist": True}},
-                f"{layout.run}/params.yaml",
-            ],
+            [layout.model, f"{layout.run}/params.yaml"],
             params("train"),
             plots=[_uncached(f"{layout.run}/{stages.TRAINING_PLOT}")],
-            comment="checkpoints persist: an interrupted `dvc repro` resumes from the newest one, and a longer "
-            "train.max_steps goes on from it. The logs (tensorboard/, train_stats.jsonl) are not outputs: they hold "
-            "timings, which differ from machine to machine",
+            comment="DVC versions the exported model, not the checkpoints: runs/<name>/checkpoints is no output (DVC "
+            "would hash and copy every GB-sized checkpoint into its cache), so it stays between runs: an interrupted "
+            "`dvc repro` resumes from the newest one, and a longer train.max_steps goes on from it. The logs "
+            "(tensorboard/, train_stats.jsonl) are not outputs either: they hold timings, which differ from machine "
+            "to machine",
         ),
         Stage(
             "evaluate", command["evaluate"],

@@ -270,4 +270,12 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    """How a message names a type: int, float | None, an integer or 'auto' (not typing's Union[...] spelling)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if origin is Literal:
+        return " or ".join(repr(value) for value in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

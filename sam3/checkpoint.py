@@ -4,7 +4,11 @@ A checkpoint is one `torch.save` file holding everything a run needs to continue
 
     format, format_version   our tag, so a foreign file is refused with a clear message
     train_state              `TrainState` as a plain dict (step, epoch, ...)
-    model                    model state_dict, unwrapped from DDP / torch.compile
+    model                    the state_dict of the model, unwrapped from DDP / torch.compile, WITHOUT its frozen
+                             parameters (`sam3.checkpoint_frozen`): the trainable parameters and every buffer
+    frozen                   {"names": count, "sha256": digest} of the frozen parameters left out: loading refuses a
+                             model whose frozen part differs (another model source); the run rebuilds them from its
+                             model source, as at its start
     optimizer                optimizer state_dict (AdamW moments, param groups with `base_lr`); None in a file of
                              weights only (the best checkpoint), which can be exported but not resumed
     scheduler                the trainer's scheduler state (plain dict) or None
@@ -28,6 +32,15 @@ does (`sam3.checkpoint_integrity`), so a file damaged in its middle (size kept),
 (with `set_aside_damaged`, moved to corrupt/) and the newest intact one is returned. Files written before that
 check existed carry the same CRCs and are verified alike.
 
+Versions: 1 held the whole state_dict and no "frozen" record; such files still load (strictly, every weight). 2 is
+written now. With train.freeze none every parameter trains and a file is as large as a version-1 one.
+
+A save is two halves that `save_checkpoint` runs in a row and a run splits over two threads
+(`sam3.checkpoint_writer`): `checkpoint_payload` gathers the values (which the run copies to CPU memory,
+`cpu_snapshot`, so the training thread may go on changing the originals) and `write_checkpoint` writes them as above.
+The environment variable SAM3_CHECKPOINT_WRITE_DELAY_S (a test hook, unset otherwise) sleeps that many seconds
+between the fsync of the temp file and the rename.
+
 One process writes a folder (rank 0 under DDP); the RNG states saved are that process's.
 """
 
@@ -38,6 +51,7 @@ import os
 import random
 import re
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -47,15 +61,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from sam3.checkpoint_frozen import FrozenPart
 from sam3.checkpoint_integrity import damage, set_aside
 from sam3.errors import Sam3Error
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sam3-finetune-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the whole state_dict, no frozen record (still read)
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 _TEMP_PREFIX = ".tmp-"
+WRITE_DELAY_ENV = "SAM3_CHECKPOINT_WRITE_DELAY_S"  # test hook: seconds between the temp file and the rename
 # What torch's weights_only unpickler accepts, as we allow it. Exact types for scalars and containers:
 # subclasses such as numpy.float64 (a float) or enum members (an int / str) are refused by that unpickler.
 _PLAIN_SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
@@ -115,16 +131,25 @@ def save_checkpoint(
     keep_last: int = 3,
     extra_names: tuple[str, ...] = (),
     name: str | None = None,
+    frozen: FrozenPart | None = None,
 ) -> Path:
-    """Atomically write a checkpoint and rotate old step files; returns the path written.
+    """Atomically write a checkpoint and rotate old step files, in this thread; returns the path written.
 
     The file is `ckpt_dir/step_{step:08d}.pt`, or `ckpt_dir/name` when `name` is given (e.g.
     `epoch_checkpoint_name(3)`). After writing, step files other than the `keep_last` newest and those named in
     `extra_names` are deleted (pass the same `extra_names` on every call); files not named `step_*.pt` are
     never deleted. `optimizer` None writes the weights without optimiser state (a third of the bytes with AdamW):
-    such a file is exported or evaluated, never resumed. Raises TypeError, before anything is written, if some value
-    is not a tensor or plain Python value (the file would not load with weights_only).
+    such a file is exported or evaluated, never resumed. Frozen parameters are left out (module docstring); pass
+    the run's `frozen` to hash them once per run rather than on every call. Raises TypeError, before anything is
+    written, if some value is not a tensor or plain Python value (the file would not load with weights_only).
     """
+    file_name = checkpoint_file_name(step, train_state, name, keep_last)
+    payload = checkpoint_payload(model, optimizer, scheduler_state, scaler, train_state, params, frozen)
+    return write_checkpoint(payload, ckpt_dir, file_name, keep_last, extra_names)
+
+
+def checkpoint_file_name(step: int, train_state: TrainState, name: str | None, keep_last: int) -> str:
+    """The file name a save of `step` writes (`save_checkpoint`); ValueError for arguments that cannot be saved."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (the checkpoint just written is one of them), got {keep_last}")
     if train_state.step != step:
@@ -132,12 +157,35 @@ def save_checkpoint(
     file_name = step_checkpoint_name(step) if name is None else name
     if Path(file_name).name != file_name or not file_name.endswith(".pt") or file_name.startswith(_TEMP_PREFIX):
         raise ValueError(f"checkpoint name must be a plain file name ending in .pt, got {file_name!r}")
+    return file_name
 
+
+def checkpoint_payload(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler_state: dict[str, Any] | None,
+    scaler: torch.amp.GradScaler | None,
+    train_state: TrainState,
+    params: dict[str, Any],
+    frozen: FrozenPart | None = None,
+) -> dict[str, Any]:
+    """What a checkpoint file holds (module docstring), checked plain (TypeError otherwise).
+
+    The tensors are the model's and optimiser's own, for a write that happens before they change again; a write in
+    another thread while training goes on takes `sam3.checkpoint_writer.cpu_snapshot` of this. `frozen`: the bare
+    model's `FrozenPart`, whose record is hashed once and kept; None hashes the frozen parameters now.
+    """
+    target = _unwrap(model)
+    if frozen is None:
+        frozen = FrozenPart(target)
+    elif frozen.model is not target:
+        raise ValueError("frozen describes another model than the one saved")
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "train_state": asdict(train_state),
-        "model": _unwrap(model).state_dict(),
+        "model": frozen.trainable_state(),
+        "frozen": frozen.record(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler_state,
         # a disabled GradScaler's state_dict is {} and cannot be loaded back, so store None
@@ -146,14 +194,26 @@ def save_checkpoint(
         "params": params,
     }
     _check_plain(payload, "checkpoint")
+    return payload
 
+
+def write_checkpoint(
+    payload: dict[str, Any],
+    ckpt_dir: str | Path,
+    file_name: str,
+    keep_last: int = 3,
+    extra_names: tuple[str, ...] = (),
+) -> Path:
+    """Write `payload` (`checkpoint_payload`) atomically as ckpt_dir/file_name, then rotate the step files
+    (`save_checkpoint`); the path written. Safe to run in another thread, one write per folder at a time."""
     folder = Path(ckpt_dir)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(folder)
     final = folder / file_name
     _atomic_torch_save(payload, final)
     _rotate(folder, keep_last, extra_names)
-    log.info("saved checkpoint %s (step %d, epoch %d)", final, train_state.step, train_state.epoch)
+    state = payload["train_state"]
+    log.info("saved checkpoint %s (step %d, epoch %d)", final, state["step"], state["epoch"])
     return final
 
 
@@ -198,30 +258,25 @@ def load_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     map_location: str | torch.device = "cpu",
     restore_rng: bool = True,
+    frozen: FrozenPart | None = None,
 ) -> tuple[TrainState, dict[str, Any] | None, dict[str, Any]]:
-    """Restore model (strict), optimizer, scaler and RNG states from `path`.
+    """Restore model, optimizer, scaler and RNG states from `path`.
 
+    The model is built from its source first (frozen weights included), then the file is loaded over it. Version 2:
+    the saved keys must be exactly the model's trainable parameters and buffers, and the frozen record must match the
+    model's (`sam3.checkpoint_frozen`; pass the run's `frozen` to hash once per run); version 1: every key, strictly.
     Returns (train_state, scheduler_state, params): the trainer restores its scheduler itself and may compare
     `params` with the current ones. Raises CheckpointError when the file is missing, unreadable, not ours, or
     does not fit the given model/optimizer.
     """
     path = Path(path)
     payload = _read(path, map_location)
-
     target = _unwrap(model)
-    state = payload["model"]
-    expected = set(target.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: the saved weights do not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). It was saved from another model; resume "
-            "with the params stored in it, or start the new run in an empty checkpoint folder."
-        )
-    try:
-        target.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # same names, different shapes
-        raise CheckpointError(f"{path}: the saved weights do not fit this model: {err}") from err
+    if frozen is None:
+        frozen = FrozenPart(target)
+    elif frozen.model is not target:
+        raise ValueError("frozen describes another model than the one loaded into")
+    _load_model_state(path, payload, target, frozen)
 
     if optimizer is not None:
         if payload["optimizer"] is None:
@@ -248,6 +303,60 @@ def load_checkpoint(
     train_state = TrainState(**{k: v for k, v in payload["train_state"].items() if k in known})
     log.info("loaded checkpoint %s (step %d, epoch %d)", path, train_state.step, train_state.epoch)
     return train_state, payload["scheduler"], payload["params"]
+
+
+def _load_model_state(path: Path, payload: dict[str, Any], target: nn.Module, frozen: FrozenPart) -> None:
+    """Load the file's weights into the bare model `target`: all of them (version 1), or all but the frozen ones,
+    whose record must match (version 2). CheckpointError when they do not fit: before any weight is changed when
+    the names or the frozen record differ."""
+    state = payload["model"]
+    whole = payload["format_version"] < 2  # a version-1 file holds the frozen weights too
+    frozen_keys = () if whole else frozen.keys()
+    expected = set(target.state_dict()) - set(frozen_keys)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the saved weights do not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). It was saved from another model or with another "
+            "train.freeze; resume with the params stored in it, or start the new run in an empty checkpoint folder."
+        )
+    if not whole:
+        _check_frozen(path, payload.get("frozen"), frozen.record())
+    try:
+        # strict=False only for the frozen keys, which the file leaves out; size mismatches still raise
+        result = target.load_state_dict(state, strict=whole)
+    except RuntimeError as err:  # same names, different shapes
+        raise CheckpointError(f"{path}: the saved weights do not fit this model: {err}") from err
+    if whole:
+        frozen.forget()  # the frozen weights are the file's now: hash them again
+    elif sorted(result.missing_keys) != list(frozen_keys) or result.unexpected_keys:
+        # not expected after the checks above: the frozen parameters must be exactly what the file left out
+        raise CheckpointError(
+            f"{path}: loading left {len(result.missing_keys)} weights as built where the model has "
+            f"{len(frozen_keys)} frozen ones, and {len(result.unexpected_keys)} unused. Start the new run in an "
+            "empty checkpoint folder."
+        )
+
+
+def _check_frozen(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """CheckpointError when the frozen part the file was trained over (its record) is not this model's."""
+    if saved == current:
+        return
+    if saved is None:
+        what = "the file has no record of them"
+    elif saved.get("names") != current["names"]:
+        what = f"{saved.get('names')} frozen tensors in the file, {current['names']} in this model"
+    else:
+        what = (
+            f"the same {current['names']} frozen tensors, other values (sha256 {str(saved.get('sha256'))[:12]}... in "
+            f"the file, {current['sha256'][:12]}... here)"
+        )
+    raise CheckpointError(
+        f"{path} was trained over other frozen weights than this model's ({what}); the file holds only the "
+        "trained part and needs the frozen part it was trained with. Build the model from the same model source "
+        "(model.source: the same weights folder, unchanged) as the run that wrote it, or start the new run in an "
+        "empty checkpoint folder."
+    )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -371,11 +480,19 @@ def _atomic_torch_save(payload: dict[str, Any], final: Path) -> None:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
+        _test_write_delay()
         os.replace(temp, final)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     _fsync_folder(final.parent)
+
+
+def _test_write_delay() -> None:
+    """The test hook SAM3_CHECKPOINT_WRITE_DELAY_S (module docstring): a write that stays in flight that long."""
+    delay = os.environ.get(WRITE_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def _fsync_folder(folder: Path) -> None:

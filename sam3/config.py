@@ -25,6 +25,8 @@ ClassLoss = Literal["iabce", "focal"]  # sam3.losses: the recipe's IoU-aware BCE
 GradientCompression = Literal["none", "fp16", "bf16"]  # dtype of DDP's gradient all-reduce
 CacheDtype = Literal["fp16", "fp32"]  # storage dtype of the feature cache (sam3.features)
 Device = Literal["auto", "cpu", "cuda"]  # --device of the commands that run a model
+Auto = Literal["auto"]  # a setting worked out from the machine (train.num_workers)
+DDPStrategy = Literal["ddp", "zero"]  # how several processes hold the optimiser state (sam3.training.ddp)
 
 FREEZE_MODES: tuple[str, ...] = get_args(FreezeMode)
 CLASS_LOSSES: tuple[str, ...] = get_args(ClassLoss)
@@ -62,9 +64,12 @@ class LoopConfig:
     max_steps: int | None = None  # optimiser steps; overrides epochs when set
     batch_size: int = 1  # images per process per micro-batch
     accumulation: int = 1  # micro-batches per optimiser step
-    num_workers: int = 0
+    num_workers: int | Auto = "auto"  # loader processes; auto: from the CPU count (sam3.training.loader)
     subset_images: int | None = None  # a seeded random subset of N training images (RF100-VL "100 images")
     num_negatives: int | None = None  # None: every absent category is a negative query (the reference)
+    # the prompt budget: every positive, then negatives drawn per (epoch, image) up to this many prompts in all
+    # (sam3.data.dataset); None: every prompt (the reference). Bounds the DETR's memory and time per image.
+    max_prompts_per_image: int | None = None
     seed: int = 0
     freeze: FreezeMode = "none"  # what trains (sam3.freeze)
     grad_clip: float = GRAD_CLIP
@@ -76,6 +81,10 @@ class LoopConfig:
     checkpoint_every: int = 100  # optimiser steps
     checkpoint_epochs: list[int] = field(default_factory=list)  # extra checkpoints kept for good at these epochs
     keep_last: int = 3
+    # write checkpoints from a CPU copy in a background thread (sam3.checkpoint_writer), the step going on; the copy's
+    # buffers stay for the run (one checkpoint's size in host memory). false: write in the training thread
+    checkpoint_background: bool = True
+    keep_best: bool = True  # also keep checkpoints/best.pt, the weights of the best validation (needs validation)
     log_every: int = 10
     mode: TrainMode = "train"  # train (validating every val_every_epochs) | train_only | val (evaluate, no training)
     val_every_epochs: int = 0  # box/mask AP on the valid split every K epochs and at the last step; 0: never
@@ -89,7 +98,8 @@ class LoopConfig:
 
 
 def loop_problem(loop: LoopConfig, with_masks: bool) -> str | None:
-    """What is wrong with the validation-driven settings of `loop` (None: nothing), as a message naming the key.
+    """What is wrong with the settings of `loop` (None: nothing), as a message naming the key: the ranges of the
+    prompt budget and the loader's workers, and the validation-driven settings.
 
     Best checkpoint, early stopping and exporting the best weights need validations: train.mode train with
     train.val_every_epochs >= 1 (mode val trains and exports nothing, so they do not matter there). segm_AP exists
@@ -104,6 +114,12 @@ def loop_problem(loop: LoopConfig, with_masks: bool) -> str | None:
         return f"train.patience = {loop.patience} needs validation: {how}, or set train.patience 0"
     if loop.export == "best" and not validates:
         return f"train.export = 'best' needs validation: {how}, or set train.export last"
+    if loop.export == "best" and not loop.keep_best:
+        return "train.export = 'best' needs train.keep_best true (best.pt holds those weights)"
+    if loop.max_prompts_per_image is not None and loop.max_prompts_per_image < 1:
+        return f"train.max_prompts_per_image = {loop.max_prompts_per_image}: must be >= 1, or null (every prompt)"
+    if isinstance(loop.num_workers, int) and loop.num_workers < 0:
+        return f"train.num_workers = {loop.num_workers}: must be >= 0, or auto"
     if loop.best_metric == "segm_AP" and not with_masks:
         return "train.best_metric = 'segm_AP' needs model.mode segmentation (detection mode has no masks)"
     return None
@@ -158,6 +174,7 @@ class DDPConfig:
     find_unused_parameters: bool = False
     static_graph: bool = False
     gradient_compression: GradientCompression = "none"  # all-reduce gradients in lower precision
+    strategy: DDPStrategy = "ddp"  # ddp: every rank holds all optimiser state; zero: each holds 1/W of it
     timeout_s: int = 1800
 
 

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 from transformers.models.sam3.modeling_sam3 import Sam3DetrDecoder
+
+from sam3.memory import REPLAY_ATTR
 
 
 @dataclass
@@ -72,7 +75,23 @@ def run_decoder(decoder: Sam3DetrDecoder, *, one_to_many: bool = False, **inputs
 @contextmanager
 def _o2o_only_self_attention(decoder: Sam3DetrDecoder, num_o2o: int):
     """While active, every decoder layer's self-attention sees the presence token and the first `num_o2o` queries
-    only (tokens 0 .. num_o2o), and returns a zero update for the others."""
+    only (tokens 0 .. num_o2o), and returns a zero update for the others.
+
+    Each layer also carries, while active, how to put its hooks back (`sam3.memory.REPLAY_ATTR`): a layer under
+    activation checkpointing runs its forward again in the backward, after this context has closed, and must
+    compute the same thing then.
+    """
+    with ExitStack() as stack:
+        for layer in decoder.layers:
+            stack.enter_context(o2o_only_layer(layer, num_o2o))
+            setattr(layer, REPLAY_ATTR, partial(o2o_only_layer, layer, num_o2o))
+            stack.callback(delattr, layer, REPLAY_ATTR)
+        yield
+
+
+@contextmanager
+def o2o_only_layer(layer: torch.nn.Module, num_o2o: int):
+    """While active, `layer.self_attn` sees tokens 0 .. num_o2o only and returns zeros for the tokens after."""
     keep = 1 + num_o2o  # the presence token sits at position 0
 
     def cut_inputs(_module, args, kwargs):
@@ -87,11 +106,11 @@ def _o2o_only_self_attention(decoder: Sam3DetrDecoder, num_o2o: int):
         total = attn.shape[1] + num_o2o  # 1 + 2N
         return (F.pad(attn, (0, 0, 0, total - attn.shape[1])), *rest)
 
-    handles = []
+    handles = [
+        layer.self_attn.register_forward_pre_hook(cut_inputs, with_kwargs=True),
+        layer.self_attn.register_forward_hook(pad_output, with_kwargs=True),
+    ]
     try:
-        for layer in decoder.layers:
-            handles.append(layer.self_attn.register_forward_pre_hook(cut_inputs, with_kwargs=True))
-            handles.append(layer.self_attn.register_forward_hook(pad_output, with_kwargs=True))
         yield
     finally:
         for handle in handles:

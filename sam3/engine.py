@@ -1,11 +1,17 @@
-"""One optimiser step, spelled out: forward, criterion, non-finite check, backward, unscale, clip, step.
+"""One optimiser step, spelled out: forward, criterion, backward, one host read, unscale, clip, step.
 
     for each micro-batch (gradient accumulation):
         outputs = model(batch)                          # under bf16/fp16 autocast on CUDA, fp32 on CPU
         losses  = criterion(outputs, targets, normalisers of the WHOLE accumulated batch)
-        stop here if losses["loss"] is not finite      # on any rank; nothing is stepped; the caller decides (guard)
         backward(losses["loss"])                        # DDP all-reduces only on the last micro-batch
+    read the step's loss, averaged over ranks, and whether it is finite on every rank: ONE all_reduce, ONE host copy
+    stop here if it is not finite                       # gradients dropped, nothing stepped; the caller decides (guard)
     unscale (fp16 only), clip the global gradient L2 norm, optimizer.step()
+
+The read is the step's only host sync of its own (the criterion's matching makes the other, sam3.match_pass): on a
+GPU the CPU queues the whole forward and backward before it waits once. A NaN loss therefore runs its backward too;
+its gradients never reach the weights (they are dropped before any unscale, clip or step), and since every rank
+runs the same backward (with DDP's gradient all-reduce) and reads the same verdict, all ranks skip together.
 
 Accumulation gives the same update as the larger batch because every micro-batch's loss is normalised by the
 counts of the whole accumulated batch (target boxes, queries), not its own: batch 4 x 1 == batch 2 x 2.
@@ -25,16 +31,20 @@ from torch import nn
 
 from sam3.batch import PromptBatch
 from sam3.config import GRAD_CLIP
+from sam3.host_sync import to_host
 
 
 @dataclass
 class StepResult:
-    """Tensors stay on the device: reading them (`.item()`) is a host sync, done only at log steps."""
+    """What a step did. `loss`, `terms` and `grad_norm` stay on the device: reading them is a host sync, done only at
+    log steps. `mean_loss` is already on the host: the step's loss averaged over ranks, which the step read anyway
+    to decide `finite`; the divergence guard takes it (non-finite whenever `finite` is false)."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     grad_norm: torch.Tensor | None
     finite: bool
+    mean_loss: float
 
 
 def autocast(
@@ -81,13 +91,14 @@ def train_step(
                 outputs = model(batch, with_masks=with_masks)
             losses = criterion(outputs, batch.targets, num_boxes=num_boxes, num_queries=num_queries)
             loss = losses["loss"]
-            if not _finite_on_every_rank(loss):  # a host sync, but a NaN must never reach the weights
-                optimizer.zero_grad(set_to_none=True)
-                return StepResult(loss.detach(), _detached(losses), None, finite=False)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = total + loss.detach()
         for name, value in losses.items():
             terms[name] = terms.get(name, 0) + value.detach()
+    mean_loss, finite = _read_on_every_rank(total)
+    if not finite:  # a NaN must never reach the weights: drop its gradients before anything steps
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(total, terms, None, finite=False, mean_loss=mean_loss)
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -97,23 +108,23 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    return StepResult(total, terms, grad_norm.detach(), finite=True)
+    return StepResult(total, terms, grad_norm.detach(), finite=True, mean_loss=mean_loss)
 
 
-def _finite_on_every_rank(loss: torch.Tensor) -> bool:
-    """Whether `loss` is finite here and on every other rank (one scalar all_reduce under torch.distributed).
+def _read_on_every_rank(loss: torch.Tensor) -> tuple[float, bool]:
+    """(the loss averaged over ranks, whether it is finite on every rank), read on the host in one copy.
 
-    Every rank must take the same branch: a rank that skipped backward alone would leave the others waiting in
-    DDP's gradient all-reduce, and the next collective of each side would pair with the wrong one.
+    One all_reduce (SUM) of [loss, 1 if loss is not finite] under torch.distributed, then one `to_host`: every rank
+    gets the same verdict, so all take the same branch (a rank that stepped alone would leave the ranks out of step).
+    A non-finite loss on any rank makes the mean non-finite too, so the guard flags it.
     """
-    finite = torch.isfinite(loss.detach()).to(torch.float32)
+    status = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
-
-
-def _detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: value.detach() for name, value in losses.items()}
+        dist.all_reduce(status)
+        status = torch.cat([status[:1] / dist.get_world_size(), status[1:]])  # the mean loss, the count of bad ranks
+    (host,) = to_host(status)
+    mean_loss, non_finite_ranks = host.tolist()
+    return mean_loss, non_finite_ranks == 0
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

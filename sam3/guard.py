@@ -10,7 +10,8 @@ losses of this project are non-negative.
 
 How the trainer uses it, one optimiser step at a time:
 
-    reason = guard.check(loss.item(), step)        # the all-reduced loss under DDP, so every rank agrees
+    reason = guard.check(result.mean_loss, step)   # a float the step read (sam3.engine): averaged over
+                                                   # ranks, so every rank agrees; no host sync here
     if reason is not None:
         log.warning(reason)
         multiplier = guard.register_rollback()      # raises DivergenceError once past max_rollbacks

@@ -40,6 +40,9 @@ one positive in the classification term, with the soft target of its best-overla
 `Criterion` returns every term already weighted, the earlier layers' terms suffixed `_0`, `_1`, ... in the order of
 `aux_outputs`, and `loss`, the sum of them all.
 
+Matching comes first, for all of them at once (`sam3.match_pass`): every layer's costs on the device, one copy to the
+host for scipy, one upload of the matched indices; the terms then run on the device without a host sync.
+
 Where we differ from the reference, on purpose:
 - The reference multiplies the total by sqrt(number of queries on the rank); that ties the effective learning rate
   to how many prompts a batch happens to hold. On by default, as in the reference (it sets the scale the recipe's
@@ -60,12 +63,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from sam3.box_ops import paired_box_iou
 from sam3.config import CLASS_LOSSES, LossConfig
 from sam3.errors import ConfigError
 from sam3.mask_losses import matched_mask_losses
+from sam3.match_pass import LayerMatches, match_layers
 from sam3.matcher import HungarianMatcher
 from sam3.o2m_matcher import OneToManyMatcher
 
@@ -88,7 +92,8 @@ def normalisers(num_boxes: float, num_queries: float, device: torch.device | str
     Returns:
         (N_b, N_q), float scalar tensors on `device`.
     """
-    counts = torch.tensor([float(num_boxes), float(num_queries)], device=device)
+    # filled on the device (no host data to upload, which on a GPU would wait for the stream)
+    counts = torch.stack([torch.full((), float(n), device=device) for n in (num_boxes, num_queries)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
         counts = counts / dist.get_world_size()
@@ -113,8 +118,39 @@ def box_losses(
     l1 = (src_boxes - tgt_boxes).abs().sum() / num_boxes
     src_xyxy = box_convert(src_boxes, "cxcywh", "xyxy")
     tgt_xyxy = box_convert(tgt_boxes, "cxcywh", "xyxy")
-    giou = generalized_box_iou_loss(src_xyxy, tgt_xyxy, reduction="none").sum() / num_boxes
+    giou = giou_loss(src_xyxy, tgt_xyxy).sum() / num_boxes
     return l1, giou
+
+
+def giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - GIoU of paired boxes: torchvision's `generalized_box_iou_loss(reduction="none")`, op for op and value for
+    value, except that the intersection of non-overlapping pairs is zeroed by `torch.where`, where torchvision writes
+    the overlapping ones through a boolean mask (`inter[mask] = ...`): a data-dependent shape, i.e. a host sync on a
+    GPU, in the forward and again in the backward.
+
+    Args:
+        boxes1, boxes2: float [M, 4] xyxy, paired row by row.
+
+    Returns:
+        float [M].
+    """
+    if boxes1.dtype not in (torch.float32, torch.float64):  # torchvision's upcast against overflow
+        boxes1, boxes2 = boxes1.float(), boxes2.float()
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    # intersection
+    xkis1, ykis1 = torch.max(x1, x1g), torch.max(y1, y1g)
+    xkis2, ykis2 = torch.min(x2, x2g), torch.min(y2, y2g)
+    overlap = (ykis2 > ykis1) & (xkis2 > xkis1)
+    intsctk = torch.where(overlap, (xkis2 - xkis1) * (ykis2 - ykis1), 0.0)
+    unionk = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intsctk
+    iouk = intsctk / (unionk + eps)
+    # smallest enclosing box
+    xc1, yc1 = torch.min(x1, x1g), torch.min(y1, y1g)
+    xc2, yc2 = torch.max(x2, x2g), torch.max(y2, y2g)
+    area_c = (xc2 - xc1) * (yc2 - yc1)
+    miouk = iouk - ((area_c - unionk) / (area_c + eps))
+    return 1 - miouk
 
 
 def iou_aware_bce(
@@ -174,6 +210,8 @@ def best_pair_per_prediction(
     One-to-one matching never repeats a prediction; one-to-many matching may give one slot two targets. The
     classification term marks a prediction positive once, so it takes the soft target of its best overlap: a fixed
     choice, where writing every pair into the target tensor would keep whichever write lands last.
+    The criterion uses `best_overlap_per_pair`, which gives the same classification targets without this function's
+    nonzero (a host sync on a GPU).
 
     Args:
         match_query, match_pred: long [M]. iou: float [M], >= 0. shape: (Q, N) of the logits.
@@ -182,10 +220,34 @@ def best_pair_per_prediction(
         (query, pred, iou), each [M'], M' <= M, ordered by query then prediction.
     """
     num_preds = shape[1]
-    key = match_query * num_preds + match_pred
-    best = iou.new_full((shape[0] * num_preds,), -1.0).scatter_reduce(0, key, iou, reduce="amax")
+    best = _best_per_slot(match_query, match_pred, iou, shape)
     kept = (best >= 0).nonzero().squeeze(1)
     return kept // num_preds, kept % num_preds, best[kept]
+
+
+def best_overlap_per_pair(
+    match_query: torch.Tensor, match_pred: torch.Tensor, iou: torch.Tensor, shape: torch.Size
+) -> torch.Tensor:
+    """float [M]: for each matched pair, the largest IoU among the pairs of its (query, prediction).
+
+    Passed to `iou_aware_bce` with all M pairs, a slot matched to several targets is written as a positive several
+    times with the same soft target, that of its best overlap: the classification term of `best_pair_per_prediction`'s
+    deduplicated pairs, value for value, with fixed shapes only (no host sync). Identical to `iou` when no
+    prediction repeats (one-to-one matching).
+
+    Args:
+        match_query, match_pred: long [M]. iou: float [M], >= 0. shape: (Q, N) of the logits.
+    """
+    best = _best_per_slot(match_query, match_pred, iou, shape)
+    return best[match_query * shape[1] + match_pred]
+
+
+def _best_per_slot(
+    match_query: torch.Tensor, match_pred: torch.Tensor, iou: torch.Tensor, shape: torch.Size
+) -> torch.Tensor:
+    """float [Q * N]: the largest IoU of each (query, prediction) among its matched pairs, -1 where unmatched."""
+    key = match_query * shape[1] + match_pred
+    return iou.new_full((shape[0] * shape[1],), -1.0).scatter_reduce(0, key, iou, reduce="amax")
 
 
 def focal_class_loss(
@@ -313,12 +375,16 @@ class Criterion:
         if num_queries is None:
             num_queries = len(targets)
         norm = normalisers(num_boxes, num_queries, logits.device)
-        losses = self._layer_losses(outputs, targets, norm, self.matcher, with_masks=self.with_masks)
-        losses.update(self._o2m_losses(outputs, targets, norm, final=True))
-        for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            aux_losses = self._layer_losses(aux, targets, norm, self.matcher, with_masks=False)
-            aux_losses.update(self._o2m_losses(aux, targets, norm, final=False))
-            losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
+        heads = self._heads(outputs)
+        # Every head is matched first, with one host sync for all of them (sam3.match_pass); the terms follow.
+        matched = match_layers([(head.matcher, head.logits, head.boxes) for head in heads], targets, logits.device)
+        target_boxes = torch.cat([t["boxes"].reshape(-1, 4) for t in targets])  # rows of LayerMatches.target
+        losses = {}
+        for head, matches in zip(heads, matched.layers, strict=True):
+            terms = self._layer_losses(head, targets, target_boxes, matches, matched.has_target, norm)
+            if head.weight is not None:
+                terms = {name: head.weight * value for name, value in terms.items()}
+            losses.update({f"{name}{head.suffix}": value for name, value in terms.items()})
         if self.config.scale_by_sqrt_num_queries:
             # The reference's factor: sqrt of the queries in this call (it never divides by accumulation steps).
             scale = math.sqrt(len(targets))
@@ -326,44 +392,43 @@ class Criterion:
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
 
-    def _o2m_losses(
-        self, out: dict, targets: list[dict], norm: tuple[torch.Tensor, torch.Tensor], final: bool
-    ) -> dict[str, torch.Tensor]:
-        """Weighted one-to-many terms of one decoder layer, `<term>_o2m`; {} when it has no o2m outputs."""
-        if "pred_logits_o2m" not in out:
-            return {}
-        o2m = {"pred_logits": out["pred_logits_o2m"], "pred_boxes": out["pred_boxes_o2m"]}
-        with_masks = final and self.with_masks
-        if with_masks:
-            o2m["pred_masks"] = out.get("pred_masks_o2m")
-        matcher = self.o2m_matcher if final or self.config.o2m_matcher_on_aux else self.matcher
-        terms = self._layer_losses(o2m, targets, norm, matcher, with_masks=with_masks)
-        return {f"{name}_o2m": self.config.o2m_weight * value for name, value in terms.items()}
+    def _heads(self, outputs: dict) -> list[_Head]:
+        """The prediction sets to supervise, in the order of the returned terms: the final layer, its o2m half, then
+        each aux layer and its o2m half."""
+        layers = [(outputs, "", True)] + [
+            (aux, f"_{i}", False) for i, aux in enumerate(outputs.get("aux_outputs") or [])
+        ]
+        heads = []
+        for out, suffix, final in layers:
+            heads.append(_Head.of(out, self.matcher, final and self.with_masks, suffix))
+            if "pred_logits_o2m" in out:
+                o2m = {"pred_logits": out["pred_logits_o2m"], "pred_boxes": out["pred_boxes_o2m"]}
+                with_masks = final and self.with_masks
+                if with_masks:
+                    o2m["pred_masks"] = out.get("pred_masks_o2m")
+                matcher = self.o2m_matcher if final or self.config.o2m_matcher_on_aux else self.matcher
+                heads.append(_Head.of(o2m, matcher, with_masks, f"_o2m{suffix}", self.config.o2m_weight))
+        return heads
 
     def _layer_losses(
         self,
-        out: dict,
+        head: _Head,
         targets: list[dict],
+        target_boxes: torch.Tensor,
+        matches: LayerMatches,
+        has_target: torch.Tensor,
         norm: tuple[torch.Tensor, torch.Tensor],
-        matcher: HungarianMatcher | OneToManyMatcher,
-        with_masks: bool,
     ) -> dict[str, torch.Tensor]:
-        """Weighted terms of one decoder layer, without suffix; norm = (N_b, N_q). The presence term only when `out`
-        holds `presence_logits` (the o2m half has none)."""
+        """Weighted terms of one head, without suffix nor o2m weight; norm = (N_b, N_q). The presence term only when
+        the head holds `presence_logits` (the o2m half has none).
+
+        target_boxes: float [sum n_q, 4], every query's target boxes in query order. has_target: bool [Q].
+        """
         num_boxes, num_queries = norm
         config = self.config
-        # fp32 whatever the autocast dtype: BCE, focal and GIoU lose too much in bf16.
-        logits = out["pred_logits"].float()  # [Q, N]
-        boxes = out["pred_boxes"].float()  # [Q, N, 4]
-        device = logits.device
-
-        matches = matcher(logits, boxes, targets)
-        match_query = torch.cat([torch.full_like(pred, q) for q, (pred, _) in enumerate(matches)]).to(device)
-        match_pred = torch.cat([pred for pred, _ in matches]).to(device)
-        tgt_boxes = torch.cat(
-            [t["boxes"].reshape(-1, 4)[tgt] for t, (_, tgt) in zip(targets, matches, strict=True)]
-        ).to(boxes)
-        has_target = torch.tensor([t["boxes"].shape[0] > 0 for t in targets], device=device)
+        out, logits, boxes = head.out, head.logits, head.boxes
+        match_query, match_pred = matches.query, matches.pred
+        tgt_boxes = target_boxes[matches.target].to(boxes)
 
         src_boxes = boxes[match_query, match_pred]  # [M, 4]
         l1, giou = box_losses(src_boxes, tgt_boxes, num_boxes)
@@ -373,13 +438,11 @@ class Criterion:
             with torch.no_grad():
                 iou = paired_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
                 # a one-to-many slot may hold two targets: one positive, with its best overlap
-                class_query, class_pred, class_iou = best_pair_per_prediction(
-                    match_query, match_pred, iou, logits.shape
-                )
+                class_iou = best_overlap_per_pair(match_query, match_pred, iou, logits.shape)
             ce = iou_aware_bce(
                 logits,
-                class_query,
-                class_pred,
+                match_query,
+                match_pred,
                 class_iou,
                 has_target,
                 num_queries,
@@ -399,10 +462,50 @@ class Criterion:
                 presence, has_target, num_queries, self.presence_alpha
             )
 
-        if with_masks:
+        if head.with_masks:
             focal, dice = matched_mask_losses(
-                out, targets, matches, match_query, match_pred, num_boxes, self.focal_alpha, self.focal_gamma
+                out,
+                targets,
+                matches.per_query(),
+                match_query,
+                match_pred,
+                num_boxes,
+                self.focal_alpha,
+                self.focal_gamma,
             )
             terms["loss_mask"] = config.weight_mask * focal
             terms["loss_dice"] = config.weight_dice * dice
         return terms
+
+
+@dataclass
+class _Head:
+    """One set of predictions the criterion supervises: the one-to-one or one-to-many half of a decoder layer.
+
+    out        its outputs: pred_logits, pred_boxes, and presence_logits / pred_masks where they apply
+    logits     float32 [Q, N] and boxes float32 [Q, N, 4]: fp32 whatever the autocast dtype (BCE, focal and GIoU
+               lose too much in bf16), cast once for the matcher and the losses
+    matcher    matches it (HungarianMatcher or OneToManyMatcher)
+    with_masks whether it has mask terms
+    suffix     appended to its term names: "" (final layer), "_o2m", "_0" (aux layer 0), "_o2m_0"
+    weight     multiplies each of its terms (the o2m weight); None: 1
+    """
+
+    out: dict
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    matcher: HungarianMatcher | OneToManyMatcher
+    with_masks: bool
+    suffix: str
+    weight: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        out: dict,
+        matcher: HungarianMatcher | OneToManyMatcher,
+        with_masks: bool,
+        suffix: str,
+        weight: float | None = None,
+    ) -> _Head:
+        return cls(out, out["pred_logits"].float(), out["pred_boxes"].float(), matcher, with_masks, suffix, weight)

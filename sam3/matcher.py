@@ -14,6 +14,10 @@ i.e. c_cls = -0.25 (1-p)^2 log p + 0.75 p^2 log(1-p) at the defaults. Matching p
 unmatched changes its focal classification loss by exactly pos_cost - neg_cost, which is why that difference is
 the class cost. `scipy.optimize.linear_sum_assignment` then minimises the total cost; min(N, n_q) pairs result.
 Queries without targets (negative prompts) are not matched at all.
+
+The matcher works in two halves, so that a training step matches all its decoder layers with one device->host copy
+(`sam3.match_pass`): `prepare` computes the costs of all queries on the device, `assign` runs scipy per query on
+their host copy (numpy). `__call__` chains them for one layer.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, generalized_box_iou
+
+from sam3.host_sync import to_host
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +41,9 @@ log = logging.getLogger(__name__)
 # avoids those pairs whenever it can.
 NON_FINITE_COST = 1e9
 
-# Fills the padding of queries with fewer targets than the most crowded one: a valid box keeps GIoU finite there.
-_PAD_BOX = (0.5, 0.5, 1.0, 1.0)
+# Fills the padding of queries with fewer targets than the most crowded one: a valid box (0.5, 0.5, 1, 1) keeps
+# GIoU finite there.
+_PAD_CENTRE, _PAD_SIZE = 0.5, 1.0
 
 
 @dataclass
@@ -43,34 +51,50 @@ class PaddedTargets:
     """The target boxes of a batch of queries in one tensor, as both matchers compute over them.
 
     sizes  n_q of every query (0 for a negative prompt)
-    rows   the queries with n_q > 0, in order
-    boxes  float [len(rows), max n_q, 4] normalised cxcywh: row r holds query rows[r]'s targets, then _PAD_BOX;
-           None when no query has a target
+    boxes  float [Q, max n_q, 4] normalised cxcywh: row q holds query q's targets, then the padding box (a negative
+           prompt's row is all padding); None when no query has a target
     """
 
     sizes: list[int]
-    rows: list[int]
     boxes: torch.Tensor | None
+
+    @property
+    def rows(self) -> list[int]:
+        """The queries with n_q > 0, in order."""
+        return [q for q, n in enumerate(self.sizes) if n > 0]
 
 
 def pad_targets(targets: list[dict], num_queries: int, device: torch.device, dtype: torch.dtype) -> PaddedTargets:
     """Pad the `boxes` of `targets` (one dict per query) into one tensor on `device` in `dtype`; ValueError when
-    there is not one target dict per query."""
+    there is not one target dict per query.
+
+    Built on the device from the targets already there (fills and device copies): no host data is uploaded.
+    """
     if len(targets) != num_queries:
         raise ValueError(f"{len(targets)} targets for {num_queries} queries: need one target dict per query")
     sizes = [int(t["boxes"].shape[0]) for t in targets]
-    rows = [q for q, n in enumerate(sizes) if n > 0]
-    if not rows:
-        return PaddedTargets(sizes, rows, None)
-    boxes = torch.tensor(_PAD_BOX, device=device, dtype=dtype).repeat(len(rows), max(sizes), 1)
-    for row, q in enumerate(rows):
-        boxes[row, : sizes[q]] = targets[q]["boxes"].to(boxes)
-    return PaddedTargets(sizes, rows, boxes)
+    if max(sizes, default=0) == 0:
+        return PaddedTargets(sizes, None)
+    boxes = torch.full((num_queries, max(sizes), 4), _PAD_CENTRE, device=device, dtype=dtype)
+    boxes[..., 2:].fill_(_PAD_SIZE)
+    for q, n in enumerate(sizes):
+        if n:
+            boxes[q, :n] = targets[q]["boxes"].to(boxes)
+    return PaddedTargets(sizes, boxes)
 
 
 def no_matches(num_queries: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`num_queries` empty (pred_idx, tgt_idx) pairs: what a matcher returns for a query it matches nothing in."""
     return [(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) for _ in range(num_queries)]
+
+
+def as_tensors(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Host (pred_idx, tgt_idx) arrays per query as CPU long tensors, the matchers' `__call__` result."""
+    return [(torch.from_numpy(p.astype(np.int64)), torch.from_numpy(t.astype(np.int64))) for p, t in pairs]
+
+
+def _empty_pairs(num_queries: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)) for _ in range(num_queries)]
 
 
 @dataclass
@@ -101,7 +125,7 @@ class HungarianMatcher:
     def __call__(
         self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Match each query's predictions to its targets.
+        """Match each query's predictions to its targets (`prepare`, one `to_host`, `assign`).
 
         Args:
             pred_logits: float [Q, N] score logits of N predictions for each of Q queries.
@@ -112,21 +136,43 @@ class HungarianMatcher:
             Q pairs (pred_idx, tgt_idx), CPU long tensors of length min(N, n_q), sorted by pred_idx:
             prediction pred_idx[k] of query q is matched to target tgt_idx[k]. Empty for a query without targets.
         """
-        num_queries, num_preds = pred_logits.shape
-        # All queries at once on the model's device, padded to the most targets, then one copy to the CPU.
-        padded = pad_targets(targets, num_queries, pred_boxes.device, pred_boxes.dtype)
-        matches = no_matches(num_queries)
-        sizes, with_targets = padded.sizes, padded.rows
-        if not with_targets:
-            return matches
-        cost = self.cost(pred_logits[with_targets], pred_boxes[with_targets], padded.boxes).double().cpu()
+        padded = pad_targets(targets, pred_logits.shape[0], pred_boxes.device, pred_boxes.dtype)
+        device_part = self.prepare(pred_logits, pred_boxes, padded)
+        if device_part is None:
+            return no_matches(len(targets))
+        (host_part,) = to_host(device_part)
+        return as_tensors(self.assign(host_part.numpy(), padded.sizes))
 
-        for row, q in enumerate(with_targets):
-            if sizes[q] > num_preds:
-                self._count_unmatched(q, sizes[q], num_preds)
-            c = self._finite(cost[row, :, : sizes[q]], q)
-            pred_idx, tgt_idx = linear_sum_assignment(c.numpy())
-            matches[q] = (torch.as_tensor(pred_idx, dtype=torch.long), torch.as_tensor(tgt_idx, dtype=torch.long))
+    @torch.no_grad()
+    def prepare(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, padded: PaddedTargets
+    ) -> torch.Tensor | None:
+        """The device half: float32 [Q, N, max n_q] costs of every query against its padded targets (`cost`), for
+        `assign` on the host; None when no query has a target (nothing to match)."""
+        if padded.boxes is None:
+            return None
+        return self.cost(pred_logits, pred_boxes, padded.boxes)
+
+    def assign(self, cost: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The host half: scipy's assignment per query on the host copy of `prepare`'s costs, in float64.
+
+        Args:
+            cost: float32 [Q, N, max n_q] (`prepare`'s result on the host). sizes: n_q per query.
+
+        Returns:
+            Q pairs (pred_idx, tgt_idx) of int64 arrays (see `__call__`).
+        """
+        num_preds = cost.shape[1]
+        matches = _empty_pairs(len(sizes))
+        for q, n in enumerate(sizes):
+            if n == 0:
+                continue
+            if n > num_preds:
+                self._count_unmatched(q, n, num_preds)
+            # float64 as scipy computes; float32 -> float64 is exact, so casting on the host changes no value
+            c = self._finite(cost[q, :, :n].astype(np.float64), q)
+            pred_idx, tgt_idx = linear_sum_assignment(c)
+            matches[q] = (pred_idx.astype(np.int64), tgt_idx.astype(np.int64))
         return matches
 
     def cost(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor) -> torch.Tensor:
@@ -150,9 +196,9 @@ class HungarianMatcher:
         cost_cls = (pos_cost - neg_cost)[..., None]  # [Q, N, 1]: the same for every target
         return self.cost_bbox * cost_l1 + self.cost_class * cost_cls - self.cost_giou * giou
 
-    def _finite(self, cost: torch.Tensor, query: int) -> torch.Tensor:
+    def _finite(self, cost: np.ndarray, query: int) -> np.ndarray:
         """`cost` with NaN/inf replaced by NON_FINITE_COST, counted, and a warning on the first occurrence."""
-        bad = ~torch.isfinite(cost)
+        bad = ~np.isfinite(cost)
         num_bad = int(bad.sum())
         if num_bad == 0:
             return cost
@@ -169,7 +215,7 @@ class HungarianMatcher:
                 NON_FINITE_COST,
             )
         self.non_finite_count += num_bad
-        return torch.where(bad, torch.full_like(cost, NON_FINITE_COST), cost)
+        return np.where(bad, NON_FINITE_COST, cost)
 
     def _count_unmatched(self, query: int, num_targets: int, num_preds: int) -> None:
         """Count the targets of `query` that cannot be matched, with a warning on the first occurrence."""

@@ -29,6 +29,10 @@ Where this differs from Meta's code, deliberately:
   match at all. Non-finite entries are counted in `non_finite_count`, with a warning the first time.
 - IoU of two zero-area boxes is 0 (`sam3.box_ops.pairwise_box_iou`: union clamped at 1e-7) instead of Meta's
   0 / 0 = NaN.
+
+As the Hungarian matcher, it works in two halves (`sam3.match_pass` matches a step's layers with one host copy):
+`prepare` computes, on the device and in fixed shapes, which (slot, target) pairs pass both tests; `assign` lists
+them on the host copy (numpy), where a device nonzero would have been one more host sync.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torchvision.ops import box_convert
 
 from sam3.box_ops import pairwise_box_iou
 from sam3.errors import ConfigError
-from sam3.matcher import no_matches, pad_targets
+from sam3.host_sync import to_host
+from sam3.matcher import PaddedTargets, as_tensors, no_matches, pad_targets
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +94,8 @@ class OneToManyMatcher:
     def __call__(
         self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Match each query's predictions to its targets, one target to several predictions.
+        """Match each query's predictions to its targets, one target to several predictions (`prepare`, one
+        `to_host`, `assign`).
 
         Args:
             pred_logits: float [Q, N] score logits of N predictions for each of Q queries.
@@ -101,44 +108,59 @@ class OneToManyMatcher:
             times (several targets), and so may a target (up to topk predictions). Empty for a query without
             targets or without any pair passing both tests.
         """
-        num_queries, num_preds = pred_logits.shape
-        # All queries at once on the model's device, padded to the most targets, then one copy to the CPU. The
-        # quantile is taken per target column, so padding columns never influence the real ones; they are masked
-        # out of the matches.
-        padded = pad_targets(targets, num_queries, pred_boxes.device, torch.float32)
-        matches = no_matches(num_queries)
-        sizes, with_targets, tgt = padded.sizes, padded.rows, padded.boxes  # tgt [Q', n_max, 4]
-        if not with_targets or num_preds == 0:
-            return matches
-        n_max = tgt.shape[1]
-        num_real = torch.tensor([sizes[q] for q in with_targets], device=tgt.device)
-        real = (torch.arange(n_max, device=tgt.device) < num_real[:, None])[:, None, :]  # [Q', 1, n_max]
+        padded = pad_targets(targets, pred_logits.shape[0], pred_boxes.device, torch.float32)
+        device_part = self.prepare(pred_logits, pred_boxes, padded)
+        if device_part is None:
+            return no_matches(len(targets))
+        (host_part,) = to_host(device_part)
+        return as_tensors(self.assign(host_part.numpy(), padded.sizes))
 
-        logits = pred_logits[with_targets].float()
-        boxes = pred_boxes[with_targets].float()
-        score = self.score(logits, boxes, tgt)  # [Q', N, n_max]
+    @torch.no_grad()
+    def prepare(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, padded: PaddedTargets
+    ) -> torch.Tensor | None:
+        """The device half: bool [2, Q, N, max n_q], per (query, slot, padded target column) whether the pair passes
+        both tests ([0]) and whether its C is non-finite ([1]), for `assign` on the host; None when there is nothing
+        to match (no query has a target, or N = 0).
+
+        The quantile is taken per target column, so the padding columns never influence the real ones; `assign`
+        masks them out. Fixed shapes only: the selected pairs are listed on the host, not by a device nonzero.
+        """
+        tgt = padded.boxes  # [Q, n_max, 4]
+        num_preds = pred_logits.shape[1]
+        if tgt is None or num_preds == 0:
+            return None
+        logits = pred_logits.float()
+        boxes = pred_boxes.float()
+        score = self.score(logits, boxes, tgt)  # [Q, N, n_max]
         # A slot with a non-finite logit or box is broken even where C happens to be finite (sigmoid(inf) = 1).
-        slot_ok = torch.isfinite(logits) & torch.isfinite(boxes).all(dim=-1)  # [Q', N]
+        slot_ok = torch.isfinite(logits) & torch.isfinite(boxes).all(dim=-1)  # [Q, N]
         finite = torch.isfinite(score) & slot_ok[:, :, None]
         score = torch.where(finite, score, torch.full_like(score, _NON_FINITE_FILL))
 
-        selected = finite & real & (score > self.threshold)
+        selected = finite & (score > self.threshold)
         if self.topk < num_preds:
             level = 1.0 - self.topk / num_preds  # in (0, 1)
-            selected &= score > torch.quantile(score, level, dim=1, keepdim=True)  # [Q', 1, n_max] per target
+            selected &= score > torch.quantile(score, level, dim=1, keepdim=True)  # [Q, 1, n_max] per target
+        return torch.stack([selected, ~finite])
 
-        # nonzero lists the selected (row, pred, tgt) triples row-major, i.e. sorted by query, prediction, target.
-        # They travel to the CPU in one copy, together with the count of non-finite entries on real targets.
-        num_bad = (~finite & real).sum()
-        packed = torch.cat([num_bad.view(1), torch.nonzero(selected).flatten()]).cpu()
-        self._count_non_finite(int(packed[0]))
-        q_idx, pred_idx, tgt_idx = packed[1:].view(-1, 3).unbind(dim=1)
+    def assign(self, flags: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The host half: the selected pairs of the real targets, from the host copy of `prepare`'s flags; counts the
+        non-finite entries of real targets.
 
-        counts = torch.bincount(q_idx, minlength=len(with_targets)).tolist()
-        pred_chunks, tgt_chunks = torch.split(pred_idx, counts), torch.split(tgt_idx, counts)
-        for row, q in enumerate(with_targets):
-            matches[q] = (pred_chunks[row].contiguous(), tgt_chunks[row].contiguous())
-        return matches
+        Args:
+            flags: bool [2, Q, N, max n_q] (`prepare`'s result on the host). sizes: n_q per query.
+
+        Returns:
+            Q pairs (pred_idx, tgt_idx) of int64 arrays (see `__call__`).
+        """
+        selected, non_finite = flags
+        real = (np.arange(selected.shape[2]) < np.asarray(sizes)[:, None])[:, None, :]  # [Q, 1, n_max]
+        self._count_non_finite(int((non_finite & real).sum()))
+        # nonzero lists the selected (query, pred, tgt) triples row-major: sorted by query, prediction, target
+        q_idx, pred_idx, tgt_idx = np.nonzero(selected & real)
+        bounds = np.cumsum(np.bincount(q_idx, minlength=len(sizes)))[:-1]
+        return list(zip(np.split(pred_idx, bounds), np.split(tgt_idx, bounds), strict=True))
 
     def score(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor) -> torch.Tensor:
         """Matching quality C of every prediction against every target, per query (higher is better).

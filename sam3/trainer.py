@@ -15,12 +15,14 @@ Features and the `TrainJob` fields (sam3.config) that turn them on:
 - memory and speed: loop.activation_checkpointing (sam3.memory), loop.compile (sam3.compiling)
 - distributed data parallel from torchrun's environment (NCCL on GPU, gloo on CPU): ddp
 - checkpoints every N steps, at each epoch end and at the end, atomic, resumed automatically:
-  loop.checkpoint_every, loop.keep_last, loop.checkpoint_epochs; other params -> a new run
+  loop.checkpoint_every, loop.keep_last, loop.checkpoint_epochs; other params -> a new run. They hold what trains
+  (frozen weights are rebuilt from the model source, checked by a fingerprint) and are written by a background
+  thread while training goes on (sam3.checkpoint, sam3.checkpoint_writer)
 - a longer (or shorter) loop.max_steps / loop.epochs resumes with the lr schedule recomputed for the new total; a
   total below the checkpoint's step is a ConfigError (sam3.training.resume)
 - validation every loop.val_every_epochs epochs and at the last step; the best by loop.best_metric kept as
-  checkpoints/best.pt; early stopping after loop.patience validations without improvement; loop.export: the last
-  or the best weights exported (sam3.training.best)
+  checkpoints/best.pt (unless loop.keep_best is false); early stopping after loop.patience validations without
+  improvement; loop.export: the last or the best weights exported (sam3.training.best)
 - divergence guard (roll back, lower lr, go on, up to a limit): guard
 - one trainer per run folder: rank 0 holds run_dir/.lock for the whole run (sam3.run_lock); a second one gets
   RunLocked. On resume a damaged checkpoint (zip CRC mismatch, truncated) is moved to checkpoints/corrupt/ and the
@@ -53,7 +55,7 @@ from sam3.training.ddp import main_rank_lock
 from sam3.training.fit import FitLoop
 from sam3.training.logs import TrainLogs
 from sam3.training.resume import RunCheckpoints, changed_params, resume_or_start
-from sam3.training.setup import build_run
+from sam3.training.setup import RunParts, build_run
 from sam3.training.validation import write_val_metrics
 
 __all__ = ["changed_params", "train"]
@@ -84,14 +86,30 @@ def _run(job: TrainJob, dist_info: DistInfo) -> Path:
 
     parts = build_run(job, dist_info)
     checkpoints = RunCheckpoints(ckpt_dir, parts, job, dist_info)
-    state = resume_or_start(checkpoints)
-    logs = TrainLogs(run_dir, dist_info, job.loop.wandb_project, job.params, fresh=state.step == 0)
-    if job.loop.mode == "val":  # the reference's "val" mode: evaluate the (resumed) model, train nothing
-        logs.close()
-        return write_val_metrics(parts.detector, job, dist_info)
-    state = FitLoop(job, parts, checkpoints, logs, dist_info).run(state)  # closes the logs
+    completed = False
+    try:
+        state = resume_or_start(checkpoints)
+        logs = TrainLogs(run_dir, dist_info, job.loop.wandb_project, job.params, fresh=state.step == 0)
+        if job.loop.mode == "val":  # the reference's "val" mode: evaluate the (resumed) model, train nothing
+            logs.close()
+            result = write_val_metrics(parts.detector, job, dist_info)
+        else:
+            state = FitLoop(job, parts, checkpoints, logs, dist_info).run(state)  # closes the logs
+            checkpoints.flush()  # every checkpoint on disk (best.pt too) before the export; a failed write raises
+            result = _export(job, parts, checkpoints, state, dist_info)
+        completed = True
+    finally:
+        # the write in flight completes on every exit (where it cannot, the files it would replace stay valid); after
+        # an error that error is the one raised, and a write that failed too is logged
+        checkpoints.close(raise_error=completed)
+    return result
 
-    export_dir = run_dir / "model"
+
+def _export(
+    job: TrainJob, parts: RunParts, checkpoints: RunCheckpoints, state: TrainState, dist_info: DistInfo
+) -> Path:
+    """Rank 0 exports the weights train.export names to run_dir/model; every rank returns that folder."""
+    export_dir = Path(job.run_dir) / "model"
     if dist_info.is_main:
         # the weights loop.export names, in the model; then the one export call
         metric = metric_name(job.loop, job.with_masks)

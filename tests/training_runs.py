@@ -9,6 +9,7 @@ path a user's own model folder takes).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Sam3Config, Sam3Model
 
-from sam3.config import GuardConfig, LoopConfig, LossConfig, ModelOptions, OptimConfig, TrainJob
+from sam3.config import DDPConfig, GuardConfig, LoopConfig, LossConfig, ModelOptions, OptimConfig, TrainJob
 from sam3.losses import Criterion
 from sam3.model import tiny_config
 from tests.datasets import build_shapes_dataset
@@ -71,6 +72,7 @@ def make_job(
     guard: GuardConfig | None = None,
     model: ModelOptions | None = None,
     loss: LossConfig | None = None,
+    ddp: DDPConfig | None = None,
     **loop: object,
 ) -> TrainJob:
     """A TrainJob at IMAGE_SIZE with test-sized loop settings; `loop` overrides LoopConfig fields; `model` and `loss`
@@ -86,6 +88,7 @@ def make_job(
         guard=guard or GuardConfig(),
         model=model or ModelOptions(),
         loss=loss or LossConfig(),
+        ddp=ddp or DDPConfig(),
         params={"test": True},
     )
 
@@ -135,10 +138,23 @@ def ddp_train_worker(rank: int, world_size: int, port: int, job: TrainJob, out_d
         built.append(detector)
         return detector
 
+    optimizers = []
+    build_optimizer = run_setup.build_optimizer
+
+    def keep_optimizer(*args, **kwargs):
+        optimizers.append(build_optimizer(*args, **kwargs))
+        return optimizers[-1]
+
     run_setup.load_model = keep_handle
+    run_setup.build_optimizer = keep_optimizer
     try:
         trainer.train(job)
         state = {name: value.detach().clone() for name, value in built[0].model.state_dict().items()}
         torch.save(state, Path(out_dir) / f"rank{rank}.pt")
+        # which optimiser the rank ran, and how many parameters' moments it holds itself (ZeRO: its shard)
+        optimizer = optimizers[0]
+        local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps its shard's AdamW in .optim
+        held = {"optimizer": type(optimizer).__name__, "local_states": len(local.state)}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(held))
     finally:
         shutdown()

@@ -23,8 +23,15 @@ record's width/height are the upright image's), and its masks.
 A sample that cannot be loaded (missing or corrupt image, mask that does not decode) raises DataError naming the file
 and the image id. It is never replaced by another sample.
 
-Randomness (the training warp, then the choice of negatives when `num_negatives` is set) comes from a torch.Generator
-seeded from (seed, epoch, index), so a sample depends on nothing else: not the worker count, not the order of access.
+The prompt budget (`max_prompts_per_image` = B, train.max_prompts_per_image): the DETR encoder and decoder run once
+per (image, prompt), so memory and time grow with the prompts of an image. With a budget, a sample keeps every
+positive query P (they carry the supervision, even past B) and max(0, B - P) of its negatives (the absent categories,
+after `num_negatives`, and the negatives file's phrases), drawn without replacement, kept in their usual order.
+None keeps every prompt (the reference). The counts before and after the budget are logged when the dataset is built.
+
+Randomness (the training warp, then the choice of negatives when `num_negatives` is set, then the budget's draw) comes
+from a torch.Generator seeded from (seed, epoch, index), so a sample depends on nothing else: not the worker count,
+not the order of access, not where a run resumed.
 Call `set_epoch(epoch)` before each epoch, or wrap the dataset in `sam3.data.sampler.EpochKeyed` and index it
 with (epoch, index) keys (`ResumableSampler(with_epoch=True)`): DataLoader(persistent_workers=True) workers keep
 the dataset copy, and so the epoch, they were started with, while a key carries its epoch with it.
@@ -112,6 +119,7 @@ class CocoPromptDataset(EpochDataset):
             docs/RECIPE.md section 1). Extra negatives from the file are always kept.
         annotations_file: the annotation file of the split folder to read: `_annotations.coco.json` (the split), or
             another file over the same images, e.g. an ODinW few-shot file `fewshot_train_shot10_seed3.json`.
+        max_prompts_per_image: the prompt budget (module docstring); None: every prompt.
     """
 
     def __init__(
@@ -126,10 +134,13 @@ class CocoPromptDataset(EpochDataset):
         seed: int = 0,
         num_negatives: int | None = None,
         annotations_file: str = ANNOTATIONS_FILE,
+        max_prompts_per_image: int | None = None,
     ) -> None:
         annotation_file = CocoSplit.locate(dataset_dir, split, annotations_file)
         if num_negatives is not None and num_negatives < 0:
             raise ValueError(f"num_negatives must be None or >= 0, got {num_negatives}")
+        if max_prompts_per_image is not None and max_prompts_per_image < 1:
+            raise ValueError(f"max_prompts_per_image must be None or >= 1, got {max_prompts_per_image}")
         if max_targets < 1:
             raise ValueError(f"max_targets must be >= 1, got {max_targets}")
         self.dataset_dir = Path(dataset_dir)
@@ -140,6 +151,7 @@ class CocoPromptDataset(EpochDataset):
         self.max_targets = max_targets
         self.seed = seed
         self.num_negatives = num_negatives
+        self.max_prompts_per_image = max_prompts_per_image
         self.annotation_file = annotation_file
         if negatives is None or isinstance(negatives, Mapping):
             negatives_map = negatives or {}
@@ -153,6 +165,20 @@ class CocoPromptDataset(EpochDataset):
             self.annotation_file,
             ", ".join(f"{key} {value}" for key, value in self.stats.items()),
         )
+        if self.records:
+            counts = self.prompt_counts()
+            logger.info(
+                "%s: prompts per image %s (mean %.1f, max %d) -> %s (mean %.1f, max %d); %d of %d images over it",
+                self.annotation_file,
+                "with every prompt" if max_prompts_per_image is None else "before the budget",
+                counts["before"].mean(),
+                counts["before"].max(),
+                "kept, no budget" if max_prompts_per_image is None else f"budget {max_prompts_per_image}",
+                counts["after"].mean(),
+                counts["after"].max(),
+                int((counts["after"] < counts["before"]).sum()),
+                len(self.records),
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -202,7 +228,32 @@ class CocoPromptDataset(EpochDataset):
             prompt_queries.append(
                 PromptQuery(phrase, EXTRA_NEGATIVE_CATEGORY_ID, torch.zeros(0, 4, dtype=torch.float32), empty_masks)
             )
-        return prompt_queries
+        return self._within_budget(prompt_queries, generator)
+
+    def _within_budget(self, queries: list[PromptQuery], generator: torch.Generator) -> list[PromptQuery]:
+        """Every positive of `queries` and a random max(0, B - positives) of its negatives, in their order."""
+        budget = self.max_prompts_per_image
+        if budget is None or len(queries) <= budget:
+            return queries  # no draw: the generator's later use (none today) would not depend on the budget
+        negatives = [i for i, query in enumerate(queries) if len(query.boxes) == 0]
+        room = max(0, budget - (len(queries) - len(negatives)))
+        drawn = torch.randperm(len(negatives), generator=generator)[:room]
+        dropped = set(negatives) - {negatives[int(i)] for i in drawn}
+        return [query for i, query in enumerate(queries) if i not in dropped]
+
+    def prompt_counts(self) -> dict[str, np.ndarray]:
+        """Prompts per image before and after the budget ("before", "after": [images] int arrays): what a sample
+        holds, counted without reading an image (the budget keeps every positive, so "after" can exceed it)."""
+        before, after = [], []
+        for record in self.records:
+            absent = sum(1 for c in self.categories if c not in record.positives and c not in record.without_query)
+            if self.num_negatives is not None:
+                absent = min(absent, self.num_negatives)
+            positives, negatives = len(record.positives), absent + len(record.extra_negatives)
+            before.append(positives + negatives)
+            budget = self.max_prompts_per_image
+            after.append(positives + (negatives if budget is None else min(negatives, max(0, budget - positives))))
+        return {"before": np.array(before), "after": np.array(after)}
 
     def _choose_queries(self, record: ImageRecord, generator: torch.Generator) -> list[CategoryQuery]:
         """The positives and all absent categories (or a random `num_negatives` of them), in category id order."""

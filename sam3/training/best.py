@@ -5,7 +5,8 @@ value of train.best_metric (`metric_name`; the higher the better). With b the be
 best_step, and n the validations since then (all three in `TrainState`, so every checkpoint carries them and a
 resumed run goes on with them):
 
-    m > b, or no b yet       ->  b = m, best_step = step, n = 0; checkpoints/best.pt is (re)written
+    m > b, or no b yet       ->  b = m, best_step = step, n = 0; checkpoints/best.pt is (re)written (unless
+                                 train.keep_best is false: then only the counters change)
     m <= b                   ->  n = n + 1                  (a tie is no improvement)
     m undefined (None, NaN)  ->  nothing changes, a warning (no evidence either way)
 
@@ -14,9 +15,10 @@ in a row without improvement. The rule reads the saved n and the current P, so a
 stopped, while raising P (or setting it 0) lets it go on from where it stopped.
 
 Export, train.export: `last` exports the final step's weights, `best` loads best.pt's weights into the model first.
-best.pt holds weights only (no optimiser state), is never rotated away, and is written before the step checkpoint
-that records it: a crash between the two leaves a best.pt one validation ahead of the resumed counters, which the
-replayed validation writes again.
+best.pt holds weights only (no optimiser state; of the model, only what trains, like every checkpoint:
+`sam3.checkpoint`), is never rotated away, and is written before the step checkpoint that records it (the background
+writer writes in the order of the saves): a crash between the two leaves a best.pt one validation ahead of the
+resumed counters, which the replayed validation writes again.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """DistributedDataParallel for the trainer: wrapping the model, loss values averaged over ranks, rank 0's validation
 metric shared, and the run folder's lock taken by rank 0 for all ranks.
 
-Every rank must take the same decisions (divergence guard) and rank 0 logs the global batch's terms, so losses are
-all-reduced: a rank's term is its share S_r / N of the global sum (N: the normaliser averaged over ranks,
+Every rank must take the same decisions (divergence guard): the step's loss is averaged over ranks where the step
+reads it (`sam3.engine`, one all-reduce with its finite flag). Rank 0 logs the global batch's terms, all-reduced
+here at log steps: a rank's term is its share S_r / N of the global sum (N: the normaliser averaged over ranks,
 `sam3.losses.normalisers`), so the global batch's term S / (W N) is the mean over the W ranks' terms.
 """
 
@@ -20,7 +21,9 @@ from sam3.run_lock import RunLocked, run_lock
 
 
 def wrap_ddp(detector: torch.nn.Module, ddp: DDPConfig, dist_info: DistInfo) -> torch.nn.Module:
-    """DistributedDataParallel around the detector when there is more than one process."""
+    """DistributedDataParallel around the detector when there is more than one process: gradients as views of the
+    all-reduce buckets, no buffer broadcast (comments below), ddp.static_graph when asked (valid when every step
+    uses the same parameters: same freeze, same mode, no parameter left unused by some step)."""
     if not dist_info.enabled:
         return detector
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -30,21 +33,18 @@ def wrap_ddp(detector: torch.nn.Module, ddp: DDPConfig, dist_info: DistInfo) -> 
         device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
         find_unused_parameters=ddp.find_unused_parameters,
         static_graph=ddp.static_graph,
+        # the gradients are views into DDP's all-reduce buckets, not a second copy of them (3.4 GB for the full
+        # model trained whole)
+        gradient_as_bucket_view=True,
+        # SAM 3's buffers (position encodings, RoPE tables) are constants built alike on every rank: broadcasting
+        # them from rank 0 before each forward would only cost time
+        broadcast_buffers=False,
     )
     if ddp.gradient_compression == "fp16":
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif ddp.gradient_compression == "bf16":
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     return model
-
-
-def global_mean(value: torch.Tensor, dist_info: DistInfo) -> float:
-    """The loss averaged over ranks, so every rank takes the same divergence decision."""
-    if dist_info.enabled:
-        value = value.detach().clone()
-        torch.distributed.all_reduce(value)
-        value /= dist_info.world_size
-    return float(value)
 
 
 def global_means(terms: dict[str, torch.Tensor], dist_info: DistInfo) -> dict[str, torch.Tensor]:

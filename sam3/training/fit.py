@@ -9,10 +9,12 @@ while step < total_steps:                              # `FitLoop.run`
             checkpoint (lower lr) and start the epoch loop again from its step
         step += 1; the progress bar or line (sam3.training.progress); every log_every steps: log
         at every val_every_epochs-th epoch's end and at the last step: validate, count it for the best checkpoint
-            and early stopping, write best.pt on a new best (sam3.training.best)
+            and early stopping, write best.pt on a new best unless train.keep_best is false (sam3.training.best)
         every checkpoint_every steps, at an epoch's end, at the end and when stopping early: checkpoint (after the
             validation of the same step, so the checkpoint carries its counters)
     until the epoch's or the run's last step, or early stopping (train.patience)
+A checkpoint costs the step a copy of the trainable state to CPU memory; rank 0 writes the file in the background
+(sam3.training.resume, sam3.checkpoint_writer), and a rollback waits for that write on every rank before reading.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from sam3.engine import StepResult, train_step
 from sam3.features import CachedDetector
 from sam3.optim import set_lr
 from sam3.training.best import metric_name, record_validation, stop_reason
-from sam3.training.ddp import from_main_rank, global_mean, global_means, wrap_ddp
+from sam3.training.ddp import from_main_rank, global_means, wrap_ddp
+from sam3.training.loader import resolve_num_workers
 from sam3.training.logs import TrainLogs
 from sam3.training.progress import Progress
 from sam3.training.resume import RunCheckpoints
@@ -68,14 +71,17 @@ class FitLoop:
             self.validate_every = 0
         detector = parts.detector
         self.model = wrap_ddp(CachedDetector(detector) if job.cache.enabled else detector, job.ddp, dist_info)
+        workers = resolve_num_workers(self.loop.num_workers, self.device)
+        if self.loop.num_workers == "auto":
+            logger.info("train.num_workers auto: %d loader processes on %s", workers, self.device.type)
         self.loader = DataLoader(
             parts.train_set,
             batch_size=self.loop.batch_size,
             sampler=parts.sampler,  # iterated anew each epoch after set_epoch
             collate_fn=parts.collate,
-            num_workers=self.loop.num_workers,
+            num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=self.loop.num_workers > 0,
+            persistent_workers=workers > 0,
         )
         self.progress: Progress | None = None
         self.started, self.images_seen = 0.0, 0
@@ -114,7 +120,7 @@ class FitLoop:
                 continue
             result = self._step(state.step, micro)
             micro = []
-            loss = global_mean(result.loss, self.dist_info)  # the host sync the guard needs anyway
+            loss = result.mean_loss  # averaged over ranks and read by the step itself: no sync of its own
             reason = parts.guard.check(loss, step=state.step)
             if reason is not None:
                 return self._roll_back(state.step, reason)
@@ -152,6 +158,11 @@ class FitLoop:
     def _roll_back(self, step: int, reason: str) -> TrainState:
         """Back to the newest checkpoint with a lower lr (the guard raises DivergenceError past its limit)."""
         multiplier = self.parts.guard.register_rollback()
+        # Checkpoints are written in the background by rank 0 (sam3.training.resume). Every rank rolls back at the
+        # same step (the guard reads the loss averaged over ranks), so: rank 0 finishes its write in flight, then
+        # the barrier, and only then does any rank look for the newest file, which is complete on disk by then.
+        self.checkpoints.flush()
+        barrier()
         back = self.checkpoints.latest()
         logger.warning("step %d: %s; rolling back to %s, lr x %.3g", step, reason, back.name, multiplier)
         self.logs.event({"step": step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
@@ -181,7 +192,8 @@ class FitLoop:
             self.checkpoints.save(state)
             if end_of_epoch and epoch + 1 in loop.checkpoint_epochs:
                 self.checkpoints.save(state, epoch_checkpoint_name(epoch + 1))
-            barrier()  # a rollback on any rank must find this file complete
+            # no barrier: the file is still being written in the background; a rollback flushes and waits for
+            # rank 0 itself before any rank reads (`_roll_back`)
         return state
 
     def _validate(self, state: TrainState) -> None:
@@ -189,7 +201,7 @@ class FitLoop:
         (sam3.training.best), write best.pt on a new best, and say when the run stops early."""
         metrics = validate(self.parts.detector, self.job, self.device, self.dist_info)  # rank 0's; None elsewhere
         value = from_main_rank(metrics.get(self.metric) if metrics else None, self.dist_info)
-        if record_validation(state, value, self.metric):
+        if record_validation(state, value, self.metric) and self.loop.keep_best:  # counted either way
             self.checkpoints.save_best(state)
         if metrics is not None:
             logged = {f"val/{key}": metrics[key] for key in LOGGED_METRICS if key in metrics}

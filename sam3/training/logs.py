@@ -19,6 +19,7 @@ from sam3.config import TRAIN_STATS_FILE
 from sam3.distributed import DistInfo
 from sam3.engine import StepResult
 from sam3.errors import ConfigError
+from sam3.host_sync import to_host
 
 
 def _set_aside(path: Path, aside: Path) -> None:
@@ -82,9 +83,14 @@ class TrainLogs:
     ) -> None:
         if not self.enabled:
             return
-        # .item() here only: these are the host syncs of a log step
-        record = {"step": step, **{k: float(v) for k, v in result.terms.items()}}
-        record["grad_norm"] = float(result.grad_norm) if result.grad_norm is not None else None
+        # the log step's one host read: every term and the gradient norm in one copy (sam3.host_sync)
+        names = list(result.terms)
+        values = [result.terms[name].detach().float().reshape(()) for name in names]
+        if result.grad_norm is not None:
+            values.append(result.grad_norm.detach().float().reshape(()))
+        read = [float(v) for v in to_host(*values)] if values else []
+        record = {"step": step, **dict(zip(names, read, strict=False))}
+        record["grad_norm"] = read[-1] if result.grad_norm is not None else None
         for group in optimizer.param_groups:
             record.setdefault(f"lr/{group['component']}", group["lr"])
         record["images_per_s"] = images_per_s

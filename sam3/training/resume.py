@@ -27,8 +27,19 @@ import math
 from pathlib import Path
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from sam3.checkpoint import BEST_CHECKPOINT, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from sam3.checkpoint import (
+    BEST_CHECKPOINT,
+    TrainState,
+    checkpoint_file_name,
+    checkpoint_payload,
+    latest_checkpoint,
+    load_checkpoint,
+    write_checkpoint,
+)
+from sam3.checkpoint_frozen import FrozenPart
+from sam3.checkpoint_writer import BackgroundWriter, SnapshotBuffers, cpu_snapshot
 from sam3.config import TrainJob
 from sam3.distributed import DistInfo, barrier
 from sam3.errors import ConfigError
@@ -51,6 +62,9 @@ _RESUME_IGNORED = {
     "train.patience",  # when to stop, read anew on resume (sam3.training.best): a stopped run goes on if raised
     "train.export",  # which weights the export takes, read at the end
     "train.threads",  # how the same steps are computed on the CPU (round-off differs, the run does not)
+    "train.num_workers",  # how the samples are loaded; each sample depends on (seed, epoch, index) only
+    "train.keep_best",  # whether best.pt is kept
+    "train.checkpoint_background",  # how a checkpoint is written, not what it holds
     # the run's length: resumed with the schedule recomputed for the new total (module docstring)
     "train.max_steps",
     "train.epochs",
@@ -58,11 +72,24 @@ _RESUME_IGNORED = {
 
 
 class RunCheckpoints:
-    """The checkpoint folder of a run: save (rank 0 only), find the newest, load into the run's model, optimiser
-    and scaler. Each checkpoint holds the train state (with the guard's state) and the run's params."""
+    """The checkpoint folder of a run: save (rank 0 only, in the background), find the newest, load into the run's
+    model, optimiser and scaler. Each checkpoint holds the train state (with the guard's state) and the run's params,
+    and of the model only what trains (`sam3.checkpoint`); the frozen part's record is hashed once per run.
+
+    A save copies the state to CPU memory in the calling thread (into buffers kept for the run: one checkpoint's
+    worth of host memory; train.checkpoint_background false writes in the calling thread instead, without them) and
+    returns; the file is written by one worker thread (`sam3.checkpoint_writer`), in the
+    order of the saves, one at a time: a save that comes while the previous write runs waits for it first. Whatever
+    reads the folder waits for the writes: `latest`, `load`, `load_weights` flush; another rank reads only after
+    rank 0's `flush` and a barrier (`sam3.training.fit`, rollback). `close()` (the trainer's finally) lets the write
+    in flight finish.
+    """
 
     def __init__(self, folder: Path, parts: RunParts, job: TrainJob, dist_info: DistInfo):
         self.folder, self.parts, self.job, self.dist_info = folder, parts, job, dist_info
+        self.frozen = FrozenPart(parts.detector.model)
+        self.writer = BackgroundWriter() if dist_info.is_main else None  # rank 0 is the folder's one writer
+        self.buffers = SnapshotBuffers()  # the CPU copies of every save, reused (sam3.checkpoint_writer)
 
     @property
     def best_path(self) -> Path:
@@ -77,36 +104,76 @@ class RunCheckpoints:
         self._save(state, BEST_CHECKPOINT, with_optimizer=False)
 
     def _save(self, state: TrainState, name: str | None, with_optimizer: bool) -> None:
-        if not self.dist_info.is_main:
+        optimizer = self.parts.optimizer
+        if with_optimizer and isinstance(optimizer, ZeroRedundancyOptimizer):
+            # ddp.strategy zero: each rank holds a shard of the moments; gathered on rank 0 (a collective: every
+            # rank calls save, as for the other checkpoints) before rank 0 reads state_dict()
+            optimizer.consolidate_state_dict(to=0)
+        if self.writer is None:
             return
-        parts = self.parts
+        parts, keep_last = self.parts, self.job.loop.keep_last
         state.guard = parts.guard.state_dict()
         state.total_steps = parts.total_steps
-        save_checkpoint(
-            self.folder,
-            state.step,
+        file_name = checkpoint_file_name(state.step, state, name, keep_last)
+        folder = self.folder
+        # the write in flight reads the buffers this copy goes into: one write in flight, the next one waits here
+        self.writer.wait_turn(str(folder / file_name))
+        payload = checkpoint_payload(
             parts.detector.model,
             parts.optimizer if with_optimizer else None,
             None,
             parts.scaler,
             state,
             self.job.params,
-            keep_last=self.job.loop.keep_last,
-            name=name,
+            frozen=self.frozen,
         )
+        if not self.job.loop.checkpoint_background:  # written here and now: no copy kept for the run
+            write_checkpoint(payload, folder, file_name, keep_last=keep_last)
+            return
+        # copied: training changes the weights and moments in place from the next step on
+        payload = cpu_snapshot(payload, self.buffers)
+        self.writer.submit(
+            str(folder / file_name), lambda: write_checkpoint(payload, folder, file_name, keep_last=keep_last)
+        )
+
+    def flush(self) -> None:
+        """Wait until this rank's writes are on disk (nothing to wait for on other ranks); CheckpointError when one
+        failed."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self, raise_error: bool = True) -> None:
+        """Let the write in flight finish, stop the writer (`BackgroundWriter.close`) and free the copies' memory."""
+        if self.writer is not None:
+            try:
+                self.writer.close(raise_error=raise_error)
+            finally:
+                self.buffers = SnapshotBuffers()
+            if self.writer.submits:
+                logger.debug(
+                    "checkpoint writer: %d writes, %.1f s writing, %d saves waited %.1f s for the previous write",
+                    self.writer.submits,
+                    sum(self.writer.write_s),
+                    self.writer.waits,
+                    self.writer.wait_s,
+                )
 
     def latest(self) -> Path | None:
         """The newest intact checkpoint; damaged ones are set aside by rank 0 (the folder's one writer)."""
+        self.flush()
         return latest_checkpoint(self.folder, set_aside_damaged=self.dist_info.is_main)
 
     def load(self, path: Path) -> TrainState:
         """Restore the model, optimiser and scaler from `path`; its train state."""
-        state, _, _ = load_checkpoint(path, self.parts.detector.model, self.parts.optimizer, self.parts.scaler)
+        self.flush()
+        model, optimizer, scaler = self.parts.detector.model, self.parts.optimizer, self.parts.scaler
+        state, _, _ = load_checkpoint(path, model, optimizer, scaler, frozen=self.frozen)
         return state
 
     def load_weights(self, path: Path) -> TrainState:
         """Only the model's weights from `path` (the RNGs left alone); its train state."""
-        state, _, _ = load_checkpoint(path, self.parts.detector.model, restore_rng=False)
+        self.flush()
+        state, _, _ = load_checkpoint(path, self.parts.detector.model, restore_rng=False, frozen=self.frozen)
         return state
 
 

@@ -90,12 +90,24 @@ def build_run(job: TrainJob, dist_info: DistInfo) -> RunParts:
         sampler=sampler,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        optimizer=build_optimizer(detector.model, job.optim, num_blocks),
+        optimizer=build_optimizer(detector.model, job.optim, num_blocks, shard=shards_optimizer(job, dist_info)),
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
         amp_dtype=amp_dtype,
         criterion=Criterion(job.loss, with_masks=job.with_masks),
         guard=DivergenceGuard(job.guard),
     )
+
+
+def shards_optimizer(job: TrainJob, dist_info: DistInfo) -> bool:
+    """Whether the optimiser state is sharded (ddp.strategy zero over more than one process)."""
+    if job.ddp.strategy != "zero":
+        return False
+    if not dist_info.enabled:
+        logger.info("ddp.strategy zero in a single process: nothing to shard, a plain AdamW")
+        return False
+    world = dist_info.world_size
+    logger.info("ddp.strategy zero: each of the %d processes keeps 1/%d of AdamW's moments", world, world)
+    return True
 
 
 def build_detector(job: TrainJob, device: torch.device) -> Sam3Detector:
@@ -142,6 +154,7 @@ def build_train_set(job: TrainJob, detector: Sam3Detector) -> tuple[EpochKeyed, 
         seed=loop.seed,
         num_negatives=loop.num_negatives,
         annotations_file=job.train_annotations,
+        max_prompts_per_image=loop.max_prompts_per_image,
     )
     collate = collate_prompts
     if job.cache.enabled:  # cached features in place of pixels: the same samples, the vision encoder skipped

@@ -66,6 +66,14 @@ def test_override_sets_typed_value(tmp_path):
             "params: train.best_metric = 'segm_AP' needs model.mode segmentation",
         ),
         (["train.best_metric=mAP"], "train.best_metric = 'mAP': must be one of 'auto', 'bbox_AP', 'segm_AP', 'cgF1'"),
+        (
+            ["train.val_every_epochs=1", "train.export=best", "train.keep_best=false"],
+            "params: train.export = 'best' needs train.keep_best true",
+        ),
+        (["train.max_prompts_per_image=0"], "params: train.max_prompts_per_image = 0: must be >= 1, or null"),
+        (["train.num_workers=-1"], "params: train.num_workers = -1: must be >= 0, or auto"),
+        (["train.num_workers=many"], "train.num_workers = 'many': expected int or 'auto'"),
+        (["ddp.strategy=fsdp"], "ddp.strategy = 'fsdp': must be one of 'ddp', 'zero'"),
     ],
 )
 def test_bad_params_name_the_key(overrides, message):
@@ -92,6 +100,13 @@ def test_validation_driven_settings_load_when_validation_is_on():
     assert load_params(None, ["train.patience=null"]).train.patience is None  # also off
     # mode val trains and exports nothing: a params file set up for the best export still evaluates
     assert load_params(None, ["train.mode=val", "train.export=best", "train.patience=3"]).train.mode == "val"
+
+
+def test_real_scale_settings_load():
+    assert load_params(None).train.num_workers == "auto"  # the library's default; the demo's params.yaml says 0
+    train = load_params(None, ["train.num_workers=4", "train.max_prompts_per_image=16"]).train
+    assert (train.num_workers, train.max_prompts_per_image) == (4, 16)
+    assert load_params(None, ["ddp.strategy=zero"]).ddp.strategy == "zero"
 
 
 def test_bad_yaml_file(tmp_path):

@@ -1,6 +1,6 @@
 """`python -m pipeline train`: dry run, parameter errors, the run folder, divergence exit, a run folder locked by
-another trainer, resume after SIGKILL, and `launcher.kind: slurm` with the feature cache and a few-shot annotation
-file.
+another trainer, resume after SIGKILL (also in the middle of a background checkpoint write), and `launcher.kind:
+slurm` with the feature cache and a few-shot annotation file.
 
 The CLI runs in this process (`pipeline.cli.main`) except the run that is killed, which must be a process of its own,
 and the SLURM job: submitted through submitit exactly as on a cluster, where this machine has no `srun`, so
@@ -29,7 +29,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.params import load_params, to_dict
 from pipeline.shapes_data import CATEGORY_NAMES
-from sam3.checkpoint import TrainState, latest_checkpoint, save_checkpoint, step_checkpoint_name
+from sam3.checkpoint import WRITE_DELAY_ENV, TrainState, latest_checkpoint, save_checkpoint, step_checkpoint_name
 from sam3.coco import ANNOTATIONS_FILE, load_coco, save_coco
 from sam3.features import write_disabled
 from tests.lock_holder import lock_held_elsewhere
@@ -210,42 +210,100 @@ def _steps_on_disk(folder: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.pt")) if folder.is_dir() else []
 
 
-@pytest.mark.slow
-def test_sigkill_then_restart_ends_with_the_weights_of_an_uninterrupted_run(shapes, tmp_path, caplog):
-    # 6 steps: epoch 0 (4 steps) and half of epoch 1; a checkpoint every 2 steps and at the end of epoch 0, so the
-    # kill lands after step 2 (mid-epoch: the resumed sampler must skip 4 images) or 4
-    settings = ("train.max_steps=6", "train.checkpoint_every=2")
-    killed_dir = tmp_path / "killed"
-    with open(tmp_path / "killed.log", "wb") as log:
+# 6 steps: epoch 0 (4 steps) and half of epoch 1; a checkpoint every 2 steps and at the end of epoch 0
+KILLED_RUN = ("train.max_steps=6", "train.checkpoint_every=2")
+
+
+@pytest.fixture(scope="module")
+def straight_weights(shapes, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The exported weights of the KILLED_RUN settings trained without interruption."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    assert main(_args(run_dir, shapes, *KILLED_RUN)) == 0
+    return read_weights(run_dir / "model")
+
+
+def _train_then_kill(run_dir: Path, shapes: Path, log_path: Path, until, env: dict[str, str] | None = None) -> None:
+    """Start `python -m pipeline train` with KILLED_RUN on `run_dir` and SIGKILL it as soon as `until()` is true."""
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *_args(killed_dir, shapes, *settings)],
+            [sys.executable, "-m", "pipeline", *_args(run_dir, shapes, *KILLED_RUN)],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         deadline = time.monotonic() + 300
         try:
-            while max(_steps_on_disk(killed_dir / "checkpoints"), default=0) == 0:
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint after step 0 within 300 s"
+            while not until():
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the moment to kill did not come within 300 s"
                 time.sleep(0.01)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.kill()  # no-op after the SIGKILL; stops the run if an assertion fired first
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = int(latest_checkpoint(killed_dir / "checkpoints").stem.split("_")[1])
-    assert 0 < killed_at < 6 and not (killed_dir / "model").exists()
 
+
+def _restart_equals_straight(run_dir: Path, shapes: Path, killed_at: int, straight, caplog) -> None:
+    """The same command again resumes from step `killed_at` and exports the uninterrupted run's weights."""
     caplog.set_level("INFO", logger="sam3.training")  # sam3.training.resume says where the run resumed
-    assert main(_args(killed_dir, shapes, *settings)) == 0  # the same command again
+    assert main(_args(run_dir, shapes, *KILLED_RUN)) == 0
     assert f"at step {killed_at}" in caplog.text and "resumed from" in caplog.text
-    assert main(_args(tmp_path / "straight", shapes, *settings)) == 0
-
-    resumed, straight = read_weights(killed_dir / "model"), read_weights(tmp_path / "straight" / "model")
+    resumed = read_weights(run_dir / "model")
     assert resumed.keys() == straight.keys()
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_ends_with_the_weights_of_an_uninterrupted_run(shapes, tmp_path, caplog, straight_weights):
+    # the kill lands after step 2's checkpoint (mid-epoch: the resumed sampler must skip 4 images) or step 4's
+    killed_dir = tmp_path / "killed"
+    _train_then_kill(
+        killed_dir,
+        shapes,
+        tmp_path / "killed.log",
+        until=lambda: max(_steps_on_disk(killed_dir / "checkpoints"), default=0) > 0,
+    )
+    killed_at = int(latest_checkpoint(killed_dir / "checkpoints").stem.split("_")[1])
+    assert 0 < killed_at < 6 and not (killed_dir / "model").exists()
+    _restart_equals_straight(killed_dir, shapes, killed_at, straight_weights, caplog)
+
+
+@pytest.mark.slow
+def test_sigkill_while_a_checkpoint_is_written_in_the_background_then_restart_ends_with_the_same_weights(
+    shapes, tmp_path, caplog, straight_weights
+):
+    # every write stays in flight 3 s between its finished temp file and the rename (sam3.checkpoint's test hook)
+    # while training goes on: the kill lands inside the write of step 4, after step 2's was renamed into place
+    killed_dir = tmp_path / "killed"
+    checkpoints = killed_dir / "checkpoints"
+    in_flight = f".tmp-{step_checkpoint_name(4)}.*"
+
+    def written_not_renamed() -> bool:
+        """Step 4's temp file holds bytes and has not changed for 0.5 s: inside the 3 s before its rename."""
+        temps = list(checkpoints.glob(in_flight)) if checkpoints.is_dir() else []
+        if not temps:
+            return False
+        info = temps[0].stat()
+        return info.st_size > 0 and time.time() - info.st_mtime > 0.5
+
+    _train_then_kill(
+        killed_dir,
+        shapes,
+        tmp_path / "killed.log",
+        until=written_not_renamed,
+        env={**os.environ, WRITE_DELAY_ENV: "3"},
+    )
+    (temp,) = checkpoints.glob(in_flight)  # the whole file, written and fsynced, under its hidden name only
+    assert torch.load(temp, weights_only=True)["train_state"]["step"] == 4
+    assert _steps_on_disk(checkpoints) == [0, 2] and latest_checkpoint(checkpoints) == checkpoints / "step_00000002.pt"
+    assert not (killed_dir / "model").exists()
+
+    _restart_equals_straight(killed_dir, shapes, 2, straight_weights, caplog)  # WRITE_DELAY_ENV unset here
+    assert not temp.exists() and not list(checkpoints.glob(".tmp-*"))  # the restarted run's first save cleared it
+    assert _steps_on_disk(checkpoints) == [2, 4, 6]  # params.yaml keeps the last 3
 
 
 def test_loader_workers_train_exactly_as_the_main_process(shapes, tmp_path):

@@ -557,3 +557,143 @@ def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path
     model, optimizer = _trained()
     _save(folder, 3, model, optimizer)  # the resumed run's next save clears the debris
     assert not temps[0].exists()
+
+
+# --- only what trains: frozen parameters left out, fingerprinted -----------------------------------------------------
+
+
+def _frozen_tiny(freeze: str, seed: int = 0):
+    """The tiny SAM 3 model frozen as a run freezes it (`freeze` plus what text prompts never reach), after one AdamW
+    step of the recipe's optimiser on random gradients: (model, optimizer). `seed` draws its random weights."""
+    from sam3.freeze import apply_freeze
+    from sam3.model import load_model, parameters_without_text_gradients
+    from sam3.optim import OptimConfig, build_optimizer
+
+    detector = load_model("tiny", image_size=112, seed=seed)
+    model = detector.model
+    apply_freeze(model, freeze, also_freeze=parameters_without_text_gradients(detector, with_masks=False))
+    optimizer = build_optimizer(model, OptimConfig(), model.config.vision_config.backbone_config.num_hidden_layers)
+    generator = torch.Generator().manual_seed(seed + 100)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.randn(param.shape, generator=generator)
+    optimizer.step()
+    return model, optimizer
+
+
+def _frozen_keys(model: nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if not param.requires_grad}
+
+
+@pytest.mark.parametrize("freeze", ["heads", "vision"])
+def test_a_checkpoint_holds_the_trainable_parameters_and_buffers_and_the_frozen_record(tmp_path, freeze):
+    from sam3.checkpoint_frozen import FrozenPart
+
+    model, optimizer = _frozen_tiny(freeze)
+    path = _save(tmp_path, 1, model, optimizer)
+    saved = torch.load(path, weights_only=True)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    buffers = set(model.state_dict()) - {name for name, _ in model.named_parameters()}
+    frozen = _frozen_keys(model)
+    assert frozen and trainable  # both parts exist in this mode
+    assert set(saved["model"]) == trainable | buffers
+    assert len(saved["model"]) == len(model.state_dict()) - len(frozen)
+    assert saved["format_version"] == 2
+    assert saved["frozen"] == {"names": len(frozen), "sha256": FrozenPart(model).record()["sha256"]}
+    assert len(saved["frozen"]["sha256"]) == 64
+    # the optimiser's state covers the trainable tensors only (sam3.optim), so nothing frozen is in the file
+    assert len(saved["optimizer"]["state"]) == len(trainable)
+
+
+@pytest.mark.parametrize("freeze", ["heads", "vision"])
+def test_resuming_a_checkpoint_without_its_frozen_part_restores_every_weight_and_moment(tmp_path, freeze):
+    model, optimizer = _frozen_tiny(freeze)
+    path = _save(tmp_path, 1, model, optimizer)
+
+    # the same model source (seed 0: the same frozen weights), trained another way: other trainable weights, moments
+    fresh, fresh_optimizer = _frozen_tiny(freeze)
+    with torch.no_grad():
+        for param in fresh.parameters():
+            if param.requires_grad:
+                param.add_(1.0)
+    fresh_optimizer.step()
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True))
+    load_checkpoint(path, fresh, fresh_optimizer)
+
+    expected, loaded = model.state_dict(), fresh.state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+    saved_opt, loaded_opt = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert loaded_opt["param_groups"] == saved_opt["param_groups"]
+    assert loaded_opt["state"].keys() == saved_opt["state"].keys()
+    for index, moments in saved_opt["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(loaded_opt["state"][index][key], value), (index, key)
+
+
+def test_a_checkpoint_is_refused_by_a_model_with_other_frozen_weights_or_another_freeze(tmp_path):
+    model, optimizer = _frozen_tiny("heads")
+    path = _save(tmp_path, 1, model, optimizer)
+
+    other, other_optimizer = _frozen_tiny("heads", seed=1)  # another model source: other frozen weights
+    before = {name: value.clone() for name, value in other.state_dict().items()}
+    count = len(_frozen_keys(model))
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path, other, other_optimizer)
+    message = str(refused.value)
+    assert message.startswith(f"{path} was trained over other frozen weights than this model's (the same {count} ")
+    assert "Build the model from the same model source" in message
+    assert all(torch.equal(value, before[name]) for name, value in other.state_dict().items())  # nothing loaded
+
+    one_more = dict(model.named_parameters())["detr_decoder.layers.0.self_attn.q_proj.weight"]
+    one_more.requires_grad_(False)  # one more frozen tensor: the saved keys no longer fit
+    with pytest.raises(CheckpointError, match=r"1 unexpected \(e.g. \['detr_decoder.layers.0.self_attn.q_proj"):
+        load_checkpoint(path, model)
+
+    vision, _ = _frozen_tiny("vision")  # the detr encoder trains there: its weights are missing from the file
+    with pytest.raises(CheckpointError, match=r"\d+ missing \(e.g. \['detr_encoder.*another train.freeze"):
+        load_checkpoint(path, vision)
+
+
+def test_the_frozen_record_is_hashed_once_and_again_only_when_the_frozen_part_changes(tmp_path, monkeypatch):
+    import sam3.checkpoint_frozen as frozen_module
+
+    calls = []
+    real = frozen_module.fingerprint
+    monkeypatch.setattr(frozen_module, "fingerprint", lambda model, keys: calls.append(keys) or real(model, keys))
+    model, optimizer = _trained()
+    model[0].weight.requires_grad_(False)
+    part = frozen_module.FrozenPart(model)
+    for step in (1, 2, 3):
+        _save(tmp_path, step, model, optimizer, frozen=part)
+    load_checkpoint(tmp_path / step_checkpoint_name(3), model, optimizer, frozen=part)
+    assert calls == [("0.weight",)]  # three saves and a load, one hash
+    model[0].bias.requires_grad_(False)
+    _save(tmp_path, 4, model, optimizer, frozen=part)
+    assert calls[-1] == ("0.bias", "0.weight")
+    part.forget()
+    part.record()
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="another model"):
+        _save(tmp_path, 5, _model(), optimizer, frozen=part)
+
+
+def test_a_version_1_file_with_every_weight_still_loads_whole(tmp_path):
+    from sam3.checkpoint_frozen import FrozenPart
+
+    # as the code before format version 2 wrote it: the whole state_dict, frozen weights included, no record
+    model, optimizer = _frozen_tiny("heads")
+    payload = torch.load(_save(tmp_path, 1, model, optimizer), weights_only=True)
+    payload.update(format_version=1, model=model.state_dict())
+    del payload["frozen"]
+    old = tmp_path / step_checkpoint_name(2)
+    torch.save(payload, old)
+
+    other, other_optimizer = _frozen_tiny("heads", seed=1)  # other frozen weights: a version-1 file brings its own
+    part = FrozenPart(other)
+    stale = part.record()
+    assert latest_checkpoint(tmp_path) == old
+    load_checkpoint(old, other, other_optimizer, frozen=part)
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in other.state_dict().items())
+    assert part.record() != stale and part.record() == FrozenPart(model).record()  # hashed again after the load

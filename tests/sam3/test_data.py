@@ -257,6 +257,50 @@ def test_num_negatives_keeps_positives_and_samples_absent_categories(tmp_path):
     assert seen == {"cat", "dog", "bird"}  # the draw changes with the epoch
 
 
+def write_many_categories(root: Path) -> Path:
+    """One train image with categories 1 and 2 present among 8, and 2 extra negative phrases: 10 prompts."""
+    names = {i: f"thing{i}" for i in range(1, 9)}
+    write_split(root, "train", names, [Img(0, 64, 64, [Ann(1, (4, 4, 10, 10)), Ann(2, (30, 30, 10, 10))])])
+    negatives = root / "negatives.json"
+    negatives.write_text(json.dumps({"0": ["ghost", "cloud"]}))
+    return negatives
+
+
+def test_prompt_budget_keeps_every_positive_and_draws_negatives_per_epoch(tmp_path):
+    negatives = write_many_categories(tmp_path)
+    every = CocoPromptDataset(tmp_path, "train", image_size=S, negatives=negatives, seed=3)
+    assert len(every[0].queries) == 10  # no budget: every prompt (the reference)
+    budget = CocoPromptDataset(tmp_path, "train", image_size=S, negatives=negatives, seed=3, max_prompts_per_image=4)
+    order = [q.prompt for q in every[0].queries]  # categories by id, then the phrases in file order
+    drawn = set()
+    for epoch in range(30):
+        queries = budget.sample(0, epoch).queries
+        prompts = [q.prompt for q in queries]
+        assert len(queries) == 4
+        assert prompts[:2] == ["thing1", "thing2"]  # both positives, whatever the draw
+        assert [len(q.boxes) for q in queries] == [1, 1, 0, 0]
+        assert prompts == sorted(prompts, key=order.index)  # the usual order kept
+        assert prompts == [q.prompt for q in budget.sample(0, epoch).queries]  # same (seed, epoch, index): same
+        drawn.update(prompts[2:])
+    assert drawn == set(order[2:])  # every negative comes up across epochs, the file's phrases included
+    # the warp does not depend on the budget: the image of a sample is the same with or without it
+    assert torch.equal(budget.sample(0, 7).image, every.sample(0, 7).image)
+    counts = budget.prompt_counts()
+    assert counts["before"].tolist() == [10] and counts["after"].tolist() == [4]
+
+
+def test_prompt_budget_below_the_positives_keeps_the_positives(tmp_path, caplog):
+    negatives = write_many_categories(tmp_path)
+    with caplog.at_level(logging.INFO, logger="sam3.data.dataset"):
+        dataset = CocoPromptDataset(tmp_path, "train", image_size=S, negatives=negatives, max_prompts_per_image=1)
+    assert [(q.prompt, len(q.boxes)) for q in dataset[0].queries] == [("thing1", 1), ("thing2", 1)]
+    assert dataset.prompt_counts()["after"].tolist() == [2]
+    said = [r.getMessage() for r in caplog.records if "prompts per image" in r.getMessage()]
+    assert len(said) == 1 and "budget 1" in said[0] and "(mean 10.0, max 10)" in said[0]
+    with pytest.raises(ValueError, match="max_prompts_per_image must be None or >= 1"):
+        CocoPromptDataset(tmp_path, "train", image_size=S, max_prompts_per_image=0)
+
+
 # ---------------------------------------------------------------- dataset: randomness
 
 

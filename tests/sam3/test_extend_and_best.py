@@ -170,13 +170,15 @@ def test_early_stopping_keeps_the_best_checkpoint_and_exports_its_weights(stoppe
     assert (last["best_step"], last["best_metric"], last["validations_since_best"]) == (best_step, best_value, since)
     best = torch.load(checkpoints / BEST_CHECKPOINT, map_location="cpu", weights_only=True)
     assert best["train_state"]["step"] == best_step and best["optimizer"] is None  # weights only
-    # the export holds best.pt's weights, which are the best step's, not the last step's
+    # the export holds best.pt's weights, which are the best step's, not the last step's (checkpoints hold what
+    # trains; the frozen rest is the model source's in every one of them)
     exported = read_weights(stopped_run / "model")
     at_best = torch.load(checkpoints / step_checkpoint_name(best_step), weights_only=True)["model"]
     at_last = torch.load(checkpoints / step_checkpoint_name(stop_step), weights_only=True)["model"]
-    assert all(torch.equal(value, at_best[name]) for name, value in exported.items())
-    assert all(torch.equal(value, best["model"][name]) for name, value in exported.items())
-    assert any(not torch.equal(value, at_last[name]) for name, value in exported.items())
+    assert at_best.keys() == at_last.keys() == best["model"].keys() and at_best.keys() <= exported.keys()
+    assert all(torch.equal(exported[name], value) for name, value in at_best.items())
+    assert all(torch.equal(exported[name], value) for name, value in best["model"].items())
+    assert any(not torch.equal(exported[name], value) for name, value in at_last.items())
 
 
 def test_a_stopped_run_stays_stopped_and_goes_on_when_patience_is_raised(stopped_run, shapes, tmp_path, caplog):
@@ -211,6 +213,16 @@ def test_the_best_and_patience_counters_survive_a_resume(stopped_run, shapes, tm
     assert all(torch.equal(value, reference[name]) for name, value in exported.items())
 
 
+def test_keep_best_false_writes_no_best_checkpoint_and_still_counts_the_validations(shapes, tmp_path):
+    trainer.train(_job(tmp_path, shapes, max_steps=4, val_every_epochs=1, keep_best=False))
+    checkpoints = tmp_path / "checkpoints"
+    assert not (checkpoints / BEST_CHECKPOINT).exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == [step_checkpoint_name(0), step_checkpoint_name(4)]
+    last = _state(checkpoints / step_checkpoint_name(4))
+    (value,) = [r["val/bbox_AP"] for r in _records(tmp_path) if "val/bbox_AP" in r]
+    assert (last["best_step"], last["best_metric"], last["validations_since_best"]) == (4, value, 0)
+
+
 @pytest.mark.slow  # two gloo processes: about 20 s on 2 cores
 def test_two_processes_stop_at_the_same_validation(shapes, tmp_path):
     """Rank 0 alone validates; its metric, broadcast, leads both ranks to stop at the same step (a rank going on alone
@@ -235,8 +247,8 @@ def test_two_processes_stop_at_the_same_validation(shapes, tmp_path):
     checkpoints = run_dir / "checkpoints"
     at_best = torch.load(checkpoints / step_checkpoint_name(best_step), weights_only=True)["model"]
     at_last = torch.load(checkpoints / step_checkpoint_name(stop_step), weights_only=True)["model"]
-    assert all(torch.equal(value, at_best[name]) for name, value in rank0.items())
-    assert all(torch.equal(value, at_last[name]) for name, value in rank1.items())
+    assert all(torch.equal(rank0[name], value) for name, value in at_best.items())
+    assert all(torch.equal(rank1[name], value) for name, value in at_last.items())
 
 
 def test_the_counting_rule_on_a_scripted_series_of_validations(caplog):

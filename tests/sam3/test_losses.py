@@ -445,3 +445,127 @@ def test_a_slot_matched_to_two_targets_is_one_positive_with_its_best_overlap():
         torch.tensor([0, 0, 0]), torch.tensor([0, 0, 2]), torch.tensor([1.0, 0.6, 0.3]), torch.Size([1, 4])
     )
     assert query.tolist() == [0, 0] and pred.tolist() == [0, 2] and iou.tolist() == pytest.approx([1.0, 0.3])
+
+
+# Rewritten torchvision losses: the same values and gradients, bit for bit, without their host syncs or memory.
+
+
+def _boxes_xyxy(gen: torch.Generator, n: int) -> torch.Tensor:
+    low = torch.rand(n, 2, generator=gen) * 0.8
+    return torch.cat([low, low + 0.02 + torch.rand(n, 2, generator=gen) * 0.5], dim=1)
+
+
+def test_giou_loss_is_torchvisions_bit_for_bit_without_a_boolean_mask():
+    """Random pairs, overlapping and not (about half of them here), plus identical and touching boxes: the same
+    values and the same gradients as torchvision's generalized_box_iou_loss, whose `inter[mask] = ...` is a
+    data-dependent shape (a host sync on a GPU) in the forward and in the backward."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    from sam3.host_sync import count_host_syncs
+    from sam3.losses import giou_loss
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = _boxes_xyxy(gen, 200), _boxes_xyxy(gen, 200)
+    b[:3] = a[:3]  # identical
+    b[3] = torch.tensor([a[3, 2], a[3, 1], a[3, 2] + 0.1, a[3, 3]])  # touching: zero-width intersection
+    results = []
+    for loss_fn in (lambda x, y: generalized_box_iou_loss(x, y, reduction="none"), giou_loss):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        with count_host_syncs() as syncs:
+            loss = loss_fn(x, y)
+            (loss * torch.linspace(0.5, 2.0, 200)).sum().backward()
+        results.append((loss.detach(), x.grad, y.grad, syncs.total))
+    (ref, ref_gx, ref_gy, ref_syncs), (got, got_gx, got_gy, got_syncs) = results
+    overlapping = ((torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])) > 0).all(dim=1)
+    assert 50 < int(overlapping.sum()) < 150
+    assert torch.equal(got, ref) and torch.equal(got_gx, ref_gx) and torch.equal(got_gy, ref_gy)
+    assert ref_syncs == 10 and got_syncs == 0  # torchvision: 4 boolean reads + 1 write, and their backwards
+
+
+def test_mask_losses_are_torchvisions_focal_and_the_plain_dice_bit_for_bit():
+    """`mask_losses` against the formula it replaced (torchvision's sigmoid_focal_loss, a dice of its own sigmoid),
+    values and gradients equal bit for bit: upsampled or not, bool or float targets, other alpha / gamma, alpha < 0
+    (no weighting), saturated logits."""
+    import torch.nn.functional as F
+    from torchvision.ops import sigmoid_focal_loss
+
+    from sam3.mask_losses import mask_losses
+
+    def reference(logits, masks, num_boxes, alpha, gamma):
+        if logits.shape[-2:] != masks.shape[-2:]:
+            logits = F.interpolate(logits[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        x, t = logits.flatten(1), masks.flatten(1).to(logits.dtype)
+        focal = sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma).mean(1).sum() / num_boxes
+        return focal, dice_loss(x, t).sum() / num_boxes
+
+    gen = torch.Generator().manual_seed(0)
+    for case in range(12):
+        h = 3 + case % 4
+        size = h if case % 2 else 2 * h + 1
+        logits = torch.randn(4, h, h, generator=gen) * 4
+        logits[0, 0, 0], logits[1, 0, 0] = 40.0, -40.0
+        masks = torch.rand(4, size, size, generator=gen) > 0.5
+        if case % 3 == 0:
+            masks = masks.float()
+        alpha, gamma = [(0.25, 2.0), (0.6, 1.0), (-1.0, 2.0)][case % 3]
+        results = []
+        for loss_fn in (reference, mask_losses):
+            x = logits.clone().requires_grad_()
+            focal, dice = loss_fn(x, masks, torch.tensor(3.0), alpha, gamma)
+            (1.7 * focal + dice).backward()
+            results.append((focal.detach(), dice.detach(), x.grad))
+        for ref, got in zip(*results, strict=True):
+            assert torch.equal(got, ref), case
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_mask_losses_keep_less_for_the_backward():
+    """M = 4 masks of 64 x 64 (logits 16 x 16): torchvision's focal and a separate dice keep 9 full-size float
+    tensors for the backward (logits, float targets, two sigmoids, 1 - t, alpha_t, 1 - p_t, its power, the BCE);
+    `mask_losses` keeps 6 and a 1-byte mask."""
+    from sam3.mask_losses import mask_losses
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 16, 16, generator=gen).requires_grad_()
+    masks = torch.rand(4, 64, 64, generator=gen) > 0.5
+    full = 4 * 64 * 64 * 4  # bytes of one float [M, H, W]
+    scalars = 64  # and a few bytes of scalars (N_b)
+
+    def reference():
+        import torch.nn.functional as F
+        from torchvision.ops import sigmoid_focal_loss
+
+        x = F.interpolate(logits[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0].flatten(1)
+        t = masks.flatten(1).float()
+        return sigmoid_focal_loss(x, t).mean(1).sum() + dice_loss(x, t).sum()
+
+    assert 9 * full <= _saved_bytes(reference) < 9 * full + scalars
+    saved = _saved_bytes(lambda: mask_losses(logits, masks, torch.tensor(1.0)))
+    assert 6 * full + full // 4 <= saved < 6 * full + full // 4 + scalars
+
+
+def test_the_classification_target_of_a_repeated_slot_needs_no_deduplication():
+    """`best_overlap_per_pair` on the pairs of the test above: each pair carries its slot's best IoU, so writing all
+    of them gives the soft targets of `best_pair_per_prediction`'s deduplicated pairs, bit for bit."""
+    from sam3.losses import best_overlap_per_pair, best_pair_per_prediction, iou_aware_bce
+
+    query, pred, iou = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 2, 1]), torch.tensor([1.0, 0.6, 0.3, 0.45])
+    shape = torch.Size([2, 4])
+    assert best_overlap_per_pair(query, pred, iou, shape).tolist() == pytest.approx([1.0, 1.0, 0.3, 0.45])
+    logits = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    has_target = torch.tensor([True, True])
+    deduplicated = iou_aware_bce(logits, *best_pair_per_prediction(query, pred, iou, shape), has_target, 2.0)
+    every_pair = iou_aware_bce(logits, query, pred, best_overlap_per_pair(query, pred, iou, shape), has_target, 2.0)
+    assert torch.equal(every_pair, deduplicated)
