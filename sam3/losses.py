@@ -202,52 +202,24 @@ def iou_aware_bce(
     return per_pair.sum() / (num_queries * logits.shape[1])
 
 
-def best_pair_per_prediction(
-    match_query: torch.Tensor, match_pred: torch.Tensor, iou: torch.Tensor, shape: torch.Size
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The matched pairs with each (query, prediction) once, keeping its largest IoU.
-
-    One-to-one matching never repeats a prediction; one-to-many matching may give one slot two targets. The
-    classification term marks a prediction positive once, so it takes the soft target of its best overlap: a fixed
-    choice, where writing every pair into the target tensor would keep whichever write lands last.
-    The criterion uses `best_overlap_per_pair`, which gives the same classification targets without this function's
-    nonzero (a host sync on a GPU).
-
-    Args:
-        match_query, match_pred: long [M]. iou: float [M], >= 0. shape: (Q, N) of the logits.
-
-    Returns:
-        (query, pred, iou), each [M'], M' <= M, ordered by query then prediction.
-    """
-    num_preds = shape[1]
-    best = _best_per_slot(match_query, match_pred, iou, shape)
-    kept = (best >= 0).nonzero().squeeze(1)
-    return kept // num_preds, kept % num_preds, best[kept]
-
-
 def best_overlap_per_pair(
     match_query: torch.Tensor, match_pred: torch.Tensor, iou: torch.Tensor, shape: torch.Size
 ) -> torch.Tensor:
     """float [M]: for each matched pair, the largest IoU among the pairs of its (query, prediction).
 
-    Passed to `iou_aware_bce` with all M pairs, a slot matched to several targets is written as a positive several
-    times with the same soft target, that of its best overlap: the classification term of `best_pair_per_prediction`'s
-    deduplicated pairs, value for value, with fixed shapes only (no host sync). Identical to `iou` when no
-    prediction repeats (one-to-one matching).
+    One-to-one matching never repeats a prediction; one-to-many matching may give one slot two targets. The
+    classification term marks a prediction positive once, with the soft target of its best overlap: a fixed choice,
+    where writing each pair's own IoU into the target tensor would keep whichever write lands last. Passed to
+    `iou_aware_bce` with all M pairs, a slot matched to several targets is written several times with that same
+    soft target: the term of the deduplicated pairs, value for value, with fixed shapes only (deduplicating needs a
+    nonzero, a host sync on a GPU). Identical to `iou` when no prediction repeats (one-to-one matching).
 
     Args:
         match_query, match_pred: long [M]. iou: float [M], >= 0. shape: (Q, N) of the logits.
     """
-    best = _best_per_slot(match_query, match_pred, iou, shape)
-    return best[match_query * shape[1] + match_pred]
-
-
-def _best_per_slot(
-    match_query: torch.Tensor, match_pred: torch.Tensor, iou: torch.Tensor, shape: torch.Size
-) -> torch.Tensor:
-    """float [Q * N]: the largest IoU of each (query, prediction) among its matched pairs, -1 where unmatched."""
     key = match_query * shape[1] + match_pred
-    return iou.new_full((shape[0] * shape[1],), -1.0).scatter_reduce(0, key, iou, reduce="amax")
+    best = iou.new_full((shape[0] * shape[1],), -1.0).scatter_reduce(0, key, iou, reduce="amax")
+    return best[key]
 
 
 def focal_class_loss(

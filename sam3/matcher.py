@@ -93,6 +93,20 @@ def as_tensors(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[torch.T
     return [(torch.from_numpy(p.astype(np.int64)), torch.from_numpy(t.astype(np.int64))) for p, t in pairs]
 
 
+def match_now(
+    matcher, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict], dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One layer matched on its own, the matchers' `__call__`: targets padded in `dtype`, the matcher's device half
+    (`prepare`), one copy to the host, its host half (`assign`). A training step matches every layer at once
+    instead (`sam3.match_pass`)."""
+    padded = pad_targets(targets, pred_logits.shape[0], pred_boxes.device, dtype)
+    device_part = matcher.prepare(pred_logits, pred_boxes, padded)
+    if device_part is None:
+        return no_matches(len(targets))
+    (host_part,) = to_host(device_part)
+    return as_tensors(matcher.assign(host_part.numpy(), padded.sizes))
+
+
 def _empty_pairs(num_queries: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)) for _ in range(num_queries)]
 
@@ -136,12 +150,7 @@ class HungarianMatcher:
             Q pairs (pred_idx, tgt_idx), CPU long tensors of length min(N, n_q), sorted by pred_idx:
             prediction pred_idx[k] of query q is matched to target tgt_idx[k]. Empty for a query without targets.
         """
-        padded = pad_targets(targets, pred_logits.shape[0], pred_boxes.device, pred_boxes.dtype)
-        device_part = self.prepare(pred_logits, pred_boxes, padded)
-        if device_part is None:
-            return no_matches(len(targets))
-        (host_part,) = to_host(device_part)
-        return as_tensors(self.assign(host_part.numpy(), padded.sizes))
+        return match_now(self, pred_logits, pred_boxes, targets, pred_boxes.dtype)
 
     @torch.no_grad()
     def prepare(

@@ -46,8 +46,7 @@ from torchvision.ops import box_convert
 
 from sam3.box_ops import pairwise_box_iou
 from sam3.errors import ConfigError
-from sam3.host_sync import to_host
-from sam3.matcher import PaddedTargets, as_tensors, no_matches, pad_targets
+from sam3.matcher import PaddedTargets, match_now
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +107,7 @@ class OneToManyMatcher:
             times (several targets), and so may a target (up to topk predictions). Empty for a query without
             targets or without any pair passing both tests.
         """
-        padded = pad_targets(targets, pred_logits.shape[0], pred_boxes.device, torch.float32)
-        device_part = self.prepare(pred_logits, pred_boxes, padded)
-        if device_part is None:
-            return no_matches(len(targets))
-        (host_part,) = to_host(device_part)
-        return as_tensors(self.assign(host_part.numpy(), padded.sizes))
+        return match_now(self, pred_logits, pred_boxes, targets, torch.float32)
 
     @torch.no_grad()
     def prepare(

@@ -436,11 +436,22 @@ def test_one_to_many_mask_terms_on_the_final_layer():
     assert "loss_mask_o2m_0" not in losses  # masks on the final layer only
 
 
+def best_pair_per_prediction(
+    match_query: torch.Tensor, match_pred: torch.Tensor, iou: torch.Tensor, shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference: the matched pairs with each (query, prediction) once, keeping its largest IoU; (query, pred, iou),
+    each [M'], ordered by query then prediction. What the criterion's classification term means, deduplicated (it
+    uses `sam3.losses.best_overlap_per_pair`, which needs no nonzero)."""
+    num_preds = shape[1]
+    key = match_query * num_preds + match_pred
+    best = iou.new_full((shape[0] * num_preds,), -1.0).scatter_reduce(0, key, iou, reduce="amax")
+    kept = (best >= 0).nonzero().squeeze(1)
+    return kept // num_preds, kept % num_preds, best[kept]
+
+
 def test_a_slot_matched_to_two_targets_is_one_positive_with_its_best_overlap():
     """Two targets g and g' = (0.55, 0.5, 0.2, 0.2). Slot 0 = g overlaps both (IoU 1 and 0.6). Its classification
     target is the best one (IoU 1), counted once, while both pairs count for the boxes."""
-    from sam3.losses import best_pair_per_prediction
-
     query, pred, iou = best_pair_per_prediction(
         torch.tensor([0, 0, 0]), torch.tensor([0, 0, 2]), torch.tensor([1.0, 0.6, 0.3]), torch.Size([1, 4])
     )
@@ -559,7 +570,7 @@ def test_mask_losses_keep_less_for_the_backward():
 def test_the_classification_target_of_a_repeated_slot_needs_no_deduplication():
     """`best_overlap_per_pair` on the pairs of the test above: each pair carries its slot's best IoU, so writing all
     of them gives the soft targets of `best_pair_per_prediction`'s deduplicated pairs, bit for bit."""
-    from sam3.losses import best_overlap_per_pair, best_pair_per_prediction, iou_aware_bce
+    from sam3.losses import best_overlap_per_pair, iou_aware_bce
 
     query, pred, iou = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 2, 1]), torch.tensor([1.0, 0.6, 0.3, 0.45])
     shape = torch.Size([2, 4])
