@@ -25,6 +25,9 @@ Lines, in order:
   Each mode runs with the one-to-many (DAC) queries on and off (`one_to_many`; `--one-to-many on|off` for one):
   with them the decoder runs 2N queries in training (the mask decoder too, on the final layer) and the criterion
   adds the o2m terms.
+  `--adapter lora|dora` (with `--adapter-rank`, `--adapter-parts`): the model trains through peft adapters
+  (sam3.adapters) as the trainer does with the `adapter` section: an `adapter` line first (adapted layers, trainable
+  parameters), then each train line with `adapter`, `adapter_rank`, `adapter_parts` and `trainable_params`.
 - `summary`: the loader's best rate over the fastest training rate from pixels (`loader_headroom`; the target is
   >= 3; cached steps read no pixels), the cache speed-up per freeze mode, and what DAC costs per freeze mode
   (`dac_step_time_ratio_<freeze>`: step time with DAC over without, both at batch 1 from pixels;
@@ -62,7 +65,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.cache import CACHE_FREEZE_MODES, feature_batch
 from bench.train_step import amp_used, bench_step, sync, synthetic_batch
 from pipeline.shapes_data import build_shapes_dataset
-from sam3.config import SAM3_IMAGE_SIZE
+from sam3.adapters import adapted_layer_counts, attach_adapter, is_adapter_parameter, set_adapter_trainable
+from sam3.config import ADAPTER_PARTS, SAM3_IMAGE_SIZE, AdapterConfig
 from sam3.data import CocoPromptDataset, collate_prompts
 from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.features import CachedDetector
@@ -152,12 +156,21 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
     embeddings) in fp16 as the feature cache stores them (bench.cache.feature_batch), through `CachedDetector`.
     """
     model = detector.model
-    apply_freeze(model, freeze, also_freeze=parameters_without_text_gradients(detector, with_masks=args.with_masks))
+    unused = parameters_without_text_gradients(detector, with_masks=args.with_masks)
+    apply_freeze(model, freeze, also_freeze=unused)
+    if args.adapter:  # as the trainer does: adapter weights train, the adapted layers' own weights do not
+        set_adapter_trainable(model, keep_frozen=unused)
     if args.activation_checkpointing:
         parts = CHECKPOINT_PARTS if args.activation_checkpointing == "encoders" else CHECKPOINT_PARTS + DETR_PARTS
         enable_activation_checkpointing(model, parts)
     model.zero_grad(set_to_none=True)
-    optimizer = build_optimizer(model, OptimConfig(), model.config.vision_config.backbone_config.num_hidden_layers)
+    optimizer = build_optimizer(
+        model,
+        OptimConfig(),
+        model.config.vision_config.backbone_config.num_hidden_layers,
+        adapter_lr=AdapterConfig().lr if args.adapter else None,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     criterion = Criterion(with_masks=args.with_masks)
     batch = synthetic_batch(batch_size, args.image_size, args.prompts, args.with_masks).to(device)
     step_model = detector
@@ -190,6 +203,10 @@ def train_line(detector, freeze: str, cached: bool, batch_size: int, args, devic
         "device": device.type,
         "image_size": args.image_size,
         "freeze": freeze,
+        "adapter": args.adapter,
+        "adapter_rank": args.adapter_rank if args.adapter else None,
+        "adapter_parts": args.adapter_parts if args.adapter else None,
+        "trainable_params": trainable,
         "cache": cached,
         "one_to_many": detector.one_to_many,
         "batch": batch_size,
@@ -268,6 +285,19 @@ def main() -> None:
         help="auto: bf16 autocast on CUDA, fp32 on CPU (as the trainer); bf16 on CPU: CPU autocast, to see a bf16 "
         "step's memory without a GPU",
     )
+    parser.add_argument(
+        "--adapter",
+        choices=("lora", "dora"),
+        help="train through peft adapters (sam3.adapters) in --adapter-parts, the rest as --freeze says",
+    )
+    parser.add_argument("--adapter-rank", type=int, default=8, help="adapter rank (alpha = 2 x rank; default 8)")
+    parser.add_argument(
+        "--adapter-parts",
+        nargs="+",
+        choices=ADAPTER_PARTS,
+        default=["vision_attention", "vision_mlp", "detr_encoder", "detr_decoder"],
+        help="where the adapters go (default: the ViT and the DETR encoder and decoder)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     parser.add_argument("--workers", type=int, nargs="+", help="loader workers to try (default: 0 1 2 on CPU)")
@@ -312,6 +342,14 @@ def main() -> None:
 
     with device:  # the full model's 840M random weights are drawn on the GPU directly: minutes faster than on CPU
         detector = load_model(args.model, image_size=args.image_size)
+    if args.adapter:
+        config = AdapterConfig(
+            kind=args.adapter, rank=args.adapter_rank, alpha=2.0 * args.adapter_rank, parts=args.adapter_parts
+        )
+        attach_adapter(detector, config)
+        layers = {part: n for part, n in adapted_layer_counts(detector.model).items() if n}
+        weights = sum(p.numel() for name, p in detector.model.named_parameters() if is_adapter_parameter(name))
+        print(json.dumps({"what": "adapter", "kind": args.adapter, "layers": layers, "weights": weights}), flush=True)
     detector.to(device).train()
     trained = []
     dac_settings = {"both": [True, False], "on": [True], "off": [False]}[args.one_to_many]

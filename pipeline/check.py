@@ -9,7 +9,8 @@ other dataset stage of dvc.yaml depends on its output, and it only reads:
 - model.source and evaluate.baseline: "tiny", "full", or a folder holding a SAM 3 config.json and its weights
   (`sam3.model.check_model_source`: nothing is loaded);
 - the dataset (`--dataset`, default dataset.raw): a folder holding the train split and the split evaluate scores
-  (`evaluate.split`).
+  (`evaluate.split`);
+- evaluate.retention_dataset, when set: a folder holding that split too (`pipeline.retention`).
 Every problem is reported (one line each), not only the first; exit 2 when there is any. When all hold, it writes
 `--out` with the list of what it checked: the same bytes whenever nothing changed, so the stages after it do not
 re-run because of it.
@@ -63,6 +64,19 @@ def _split(dataset: Path, split: str) -> Callable[[], str]:
     return check
 
 
+def _retention_dataset(dataset: Path, split: str) -> Callable[[], str]:
+    def check() -> str:
+        path = split_annotation_path(dataset, split)
+        if not path.is_file():
+            raise ConfigError(
+                f"evaluate.retention_dataset = {dataset}: {path} not found; give a COCO dataset folder with a {split} "
+                "split (Roboflow COCO layout), or null"
+            )
+        return f"evaluate.retention_dataset: {dataset} ({split} split)"
+
+    return check
+
+
 def checks_of(params: Params, dataset: Path | None = None) -> list[Callable[[], str]]:
     """The checks of a loaded params file (`dataset`: None for dataset.raw), each returning what it checked or
     raising a Sam3Error."""
@@ -71,6 +85,8 @@ def checks_of(params: Params, dataset: Path | None = None) -> list[Callable[[], 
         found.append(_model("evaluate.baseline", params.evaluate.baseline))
     for split in dict.fromkeys((TRAIN_SPLIT, params.evaluate.split)):
         found.append(_split(dataset or Path(params.dataset.raw), split))
+    if params.evaluate.retention_dataset is not None:
+        found.append(_retention_dataset(Path(params.evaluate.retention_dataset), params.evaluate.split))
     return found
 
 

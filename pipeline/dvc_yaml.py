@@ -53,12 +53,13 @@ READS = {
         "launcher",
         "evaluate",
         "cache",
+        "adapter",
     ],  # fmt: skip
     "validate": ["validate"],
     "preprocess": ["preprocess"],
     "negatives": ["negatives", "model.source"],
     "cache_features": ["model", "cache", "train.freeze"],
-    "train": ["model", "train", "cache", "optim", "loss", "guard", "ddp", "launcher"],
+    "train": ["model", "train", "cache", "optim", "loss", "guard", "ddp", "launcher", "adapter"],
     "evaluate": ["model.mode", "model.image_size", "evaluate"],
 }
 

@@ -3,6 +3,7 @@
     write_figures(plots_dir, gt, models, curves, images_dir, iou_type)   pr_curve.png, per_category_ap.png,
                                                                           predictions.png
     summary(metrics, iou_type, train_stats, baseline_key)                the numbers people compare across runs
+                                                                          (retention's too: `retention_summary`)
 
 `models` maps a label (FINE_TUNED, "baseline: <source>") to its metrics and COCO results, the fine-tuned model
 first; `curves` maps the same labels to their PR curves, computed once by the caller (it also writes them as JSON).
@@ -31,6 +32,7 @@ from pipeline.plots import (
     read_stats,
     step_records,
 )
+from pipeline.retention import RETENTION_KEY, retention_summary
 
 MOSAIC_IMAGES = 4
 FINE_TUNED = "fine-tuned"  # the label of the evaluated model in the figures (its baseline's: "baseline: <source>")
@@ -129,7 +131,8 @@ def train_numbers(train_stats: Path | None) -> dict[str, float | int | None]:
 
 def summary(metrics: dict[str, Any], iou_type: str, train_stats: Path | None, baseline_key: str) -> dict[str, Any]:
     """The small file DVC shows as this run's metrics: box (and mask) AP and AP50, cgF1, IL_MCC, pmF1, the
-    baseline's headline AP when there is one, and the training's steps and final loss (`train_numbers`)."""
+    baseline's headline AP when there is one, retention_rejection and retention_AP when measured
+    (`pipeline.retention.retention_summary`), and the training's steps and final loss (`train_numbers`)."""
     out: dict[str, Any] = {}
     for kind in ("bbox", "segm") if iou_type == "segm" else ("bbox",):
         for key in SUMMARY_KEYS:
@@ -138,4 +141,6 @@ def summary(metrics: dict[str, Any], iou_type: str, train_stats: Path | None, ba
         out[key] = metrics.get(key)
     if baseline_key in metrics:
         out[f"baseline_{iou_type}_AP"] = metrics[baseline_key].get(f"{iou_type}_AP")
+    if RETENTION_KEY in metrics:
+        out |= retention_summary(metrics[RETENTION_KEY], iou_type)
     return out | train_numbers(train_stats)

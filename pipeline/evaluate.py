@@ -4,7 +4,7 @@
         [--plots-dir DIR] [--summary summary.json] [--train-stats train_stats.jsonl] [--gt-original FILE_OR_DIR]
         [--batch-size N] [--device auto|cpu|cuda] [--params FILE] [--set section.key=value ...]
 
-Settings: params.yaml's `evaluate` section (split, baseline, prompt_chunk, max_dets) and model.mode /
+Settings: params.yaml's `evaluate` section (split, baseline, prompt_chunk, max_dets, retention_*) and model.mode /
 model.image_size; `--split`, `--mode`, `--baseline`, `--prompt-chunk`, `--max-dets`, `--image-size` are short for the
 matching `--set`. `evaluate.baseline: null` evaluates no baseline.
 
@@ -26,10 +26,26 @@ matching `--set`. `evaluate.baseline: null` evaluates no baseline.
    images: ground truth beside the model's detections).
 5. `--baseline SOURCE` (the model before fine-tuning: "tiny", a facebook/sam3 folder ...): evaluated the same way;
    its metrics go under "baseline" in metrics.json, and report.md holds a before/after table, which is also printed.
-6. report.md next to metrics.json: the table (before/after, or the model's alone) and links to the PNGs.
-   `--summary FILE`: the handful of numbers compared across runs (`eval_plots.summary`: box/mask AP and AP50, cgF1,
-   IL_MCC, pmF1, the baseline's AP, and from `--train-stats` the run's steps, final loss and images/s); DVC shows it
-   as the run's metrics, while metrics.json keeps every detail (per category, per area).
+6. report.md next to metrics.json: the table (before/after, or the model's alone), the Retention table (step 7)
+   and links to the PNGs. `--summary FILE`: the handful of numbers compared across runs (`eval_plots.summary`:
+   box/mask AP and AP50, cgF1, IL_MCC, pmF1, the baseline's AP, retention_rejection and retention_AP, and from
+   `--train-stats` the run's steps and final loss); DVC shows it as the run's metrics, while metrics.json keeps every
+   detail (per category, per area).
+7. Retention (`pipeline.retention`, counted by `sam3.evaluation.retention`): what fine-tuning costs outside the
+   split's categories, for the model and for its baseline, under "retention" in metrics.json (and under
+   "baseline" -> "retention"), as report.md's "Retention" table (metric, baseline, model, change) and one printed
+   line per model. `evaluate.retention_prompts` P phrases of the phrase bank that name no category of the split
+   (a share `retention_neighbours` nearest to the categories in the evaluated model's text space, the rest drawn
+   with `retention_seed`; the same phrases for both models) are asked on every image of the split; each of the
+   I x P pairs is a negative pair, scored by the model's best detection score (presence x query score):
+       rejection = #(best <= 0.5) / (I P)                         keys: rejection, num_rejected, num_pairs
+       IL_MCC    = image-level MCC over the split's own I x C pairs (counted as step 3 counts them) plus the I x P
+                   negative pairs (a phrase fired on is a false positive)       keys: IL_MCC, IL_MCC_own, counts
+   with phrases {neighbours, random}, num_images, num_phrases and threshold beside them. `evaluate.retention_dataset`
+   (a COCO dataset folder of held-out concepts, or null) adds "dataset": its box AP (and mask AP in segmentation
+   mode) and SA-Co metrics on its `evaluate.split`, prompted with its own category names. A missing folder or split
+   is an error naming the key, before any model loads. `retention_prompts: 0` leaves out the negative prompts; with
+   no retention dataset either, there is no "retention" key.
 
 Every model is loaded before any inference runs, so a wrong folder fails at once. JSON files are written with
 sorted keys and indent 2 (`sam3.io.write_json`, atomic): reruns on CPU give byte-identical files.
@@ -43,6 +59,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.params import EvaluateParams
+from pipeline.retention import (
+    DATASET_KEY,
+    RETENTION_KEY,
+    HeldOut,
+    RetentionOptions,
+    RetentionPhrases,
+    choose_phrases,
+    held_out_metrics,
+    negative_prompt_metrics,
+    read_held_out,
+    retention_line,
+    retention_table,
+)
 from pipeline.score import summary_line
 from pipeline.stage_args import Shorthand, add_params_arguments, stage_params
 from sam3.coco import split_annotation_path
@@ -164,7 +194,9 @@ def ground_truth(dataset_dir: Path, split: str, gt_original: Path | None = None)
     return original.data
 
 
-def run_inference(detector: Any, dataset_dir: Path, split: str, options: EvalOptions) -> list[dict[str, Any]]:
+def run_inference(
+    detector: Any, dataset_dir: Path, split: str, options: EvalOptions, desc: str = "inference"
+) -> list[dict[str, Any]]:
     from sam3.inference import predict_dataset
 
     return predict_dataset(
@@ -176,7 +208,55 @@ def run_inference(detector: Any, dataset_dir: Path, split: str, options: EvalOpt
         max_dets=options.max_dets,
         batch_size=options.batch_size,
         device=options.device,
+        desc=desc,
     )
+
+
+def held_out_split(dataset_dir: Path, split: str, with_masks: bool) -> HeldOut:
+    """evaluate.retention_dataset's split, checked before any model loads (masks too in segmentation mode)."""
+    held_out = read_held_out(dataset_dir, split)
+    if with_masks:
+        check_masks(held_out.gt, split_annotation_path(dataset_dir, split))
+    return held_out
+
+
+def retention_phrases(detector: Any, gt: dict[str, Any], retention: RetentionOptions) -> RetentionPhrases | None:
+    """The negative phrases of step 7 for the split's categories (id order), or None when none are asked or left."""
+    if retention.prompts == 0:
+        return None
+    categories = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    phrases = choose_phrases(detector, categories, retention)
+    if not phrases.all:
+        log.warning("retention: every phrase of the bank names or nearly repeats a category; no negative prompts")
+        return None
+    return phrases
+
+
+def measure_retention(
+    detector: Any,
+    dataset_dir: Path,
+    split: str,
+    gt: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    phrases: RetentionPhrases | None,
+    held_out: HeldOut | None,
+    options: EvalOptions,
+) -> dict[str, Any]:
+    """One model's retention block (step 7): negative prompts on the split's images, AP on the held-out dataset."""
+    from sam3.evaluation.retention import own_pair_counts
+
+    block: dict[str, Any] = {}
+    if phrases is not None:
+        own = own_pair_counts(gt, predictions)  # the split's own pairs, as its IL_MCC counts them
+        block.update(
+            negative_prompt_metrics(
+                detector, dataset_dir, split, own, phrases, options.prompt_chunk, options.batch_size, options.device
+            )
+        )
+    if held_out is not None:
+        held_predictions = run_inference(detector, held_out.path, split, options, desc="retention dataset")
+        block[DATASET_KEY] = held_out_metrics(held_out, held_predictions, options.with_masks, split)
+    return block
 
 
 def _number(value: float | None, key: str) -> str:
@@ -244,8 +324,12 @@ def evaluate(
     gt_original: Path | None = None,
     summary_file: Path | None = None,
     train_stats: Path | None = None,
+    retention: RetentionOptions | None = None,
 ) -> EvalResult:
-    """Steps 1-6 of the module docstring; writes `out`, the predictions, the plot files, report.md and the summary."""
+    """Steps 1-7 of the module docstring; writes `out`, the predictions, the plot files, report.md and the summary.
+
+    `retention` None measures no retention (step 7).
+    """
     from pipeline.eval_plots import FINE_TUNED, ModelResult, summary, write_figures
     from sam3.evaluation import per_category_rows, pr_curve
     from sam3.model import load_model
@@ -254,24 +338,40 @@ def evaluate(
     gt = ground_truth(dataset_dir, split, gt_original)  # a missing split fails before any model loads
     if options.with_masks:
         check_masks(gt, gt_original or split_annotation_path(dataset_dir, split))
+    retention = retention or RetentionOptions(prompts=0)
+    held_out = held_out_split(retention.dataset, split, options.with_masks) if retention.dataset else None
     detector = load_model(model, image_size=options.image_size)
     baseline_detector = load_model(baseline, image_size=options.image_size) if baseline else None
 
     predictions = run_inference(detector, dataset_dir, split, options)
-    del detector  # frees its device memory before the baseline runs
     predictions_file = predictions_file or out.parent / PREDICTIONS_FILE
     write_json(predictions_file, predictions)
     metrics = score_predictions(gt, predictions, options.with_masks)
+    # chosen in the evaluated model's text space, then asked of both models: the same pairs side by side
+    phrases = retention_phrases(detector, gt, retention)
+    measured = phrases is not None or held_out is not None  # else no retention key at all
+    if measured:
+        metrics[RETENTION_KEY] = measure_retention(
+            detector, dataset_dir, split, gt, predictions, phrases, held_out, options
+        )
+    del detector  # frees its device memory before the baseline runs
 
     results = {FINE_TUNED: ModelResult(metrics, predictions)}
     if baseline_detector is not None:
         baseline_predictions = run_inference(baseline_detector, dataset_dir, split, options)
         metrics[BASELINE_KEY] = score_predictions(gt, baseline_predictions, options.with_masks)
+        if measured:
+            metrics[BASELINE_KEY][RETENTION_KEY] = measure_retention(
+                baseline_detector, dataset_dir, split, gt, baseline_predictions, phrases, held_out, options
+            )
         results[f"baseline: {baseline}"] = ModelResult(metrics[BASELINE_KEY], baseline_predictions)
         title = f"{dataset_dir} ({split}): {baseline} before, {model} after"
         report = comparison_table(metrics, metrics[BASELINE_KEY], model, baseline, title)
     else:
         report = metrics_table(metrics, model, f"{dataset_dir} ({split}): {model}")
+    if RETENTION_KEY in metrics:
+        baseline_block = metrics.get(BASELINE_KEY, {}).get(RETENTION_KEY)
+        report += "\n" + retention_table(metrics[RETENTION_KEY], baseline_block, model, str(baseline))
     figures: list[Path] = []
     if plots_dir is not None:
         # one COCOeval per model for the PR curve: the JSON plot and the figure share it
@@ -305,6 +405,17 @@ def check_masks(gt: dict[str, Any], source: Path) -> None:
             )
 
 
+def retention_options(evaluate_params: EvaluateParams) -> RetentionOptions:
+    """Step 7's settings from params.yaml's evaluate section (`pipeline.params.EvaluateParams`)."""
+    dataset = evaluate_params.retention_dataset
+    return RetentionOptions(
+        prompts=evaluate_params.retention_prompts,
+        neighbours=evaluate_params.retention_neighbours,
+        seed=evaluate_params.retention_seed,
+        dataset=Path(dataset) if dataset is not None else None,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     params = stage_params(args, SHORTHANDS)
     if params.evaluate.threads is not None:
@@ -331,11 +442,16 @@ def run(args: argparse.Namespace) -> int:
         gt_original=args.gt_original,
         summary_file=args.summary,
         train_stats=args.train_stats,
+        retention=retention_options(params.evaluate),
     )
     iou_type = "segm" if options.with_masks else "bbox"
     print(summary_line(result.metrics, iou_type))
+    if RETENTION_KEY in result.metrics:
+        print(retention_line(result.metrics[RETENTION_KEY], iou_type))
     if BASELINE_KEY in result.metrics:
         print(f"baseline: {summary_line(result.metrics[BASELINE_KEY], iou_type)}")
+        if RETENTION_KEY in result.metrics[BASELINE_KEY]:
+            print(f"baseline {retention_line(result.metrics[BASELINE_KEY][RETENTION_KEY], iou_type)}")
     print(result.report, end="")
     written = [args.out, result.predictions_file, args.out.parent / REPORT_FILE, *result.figures]
     print("wrote " + ", ".join(str(path) for path in written + ([args.summary] if args.summary else [])))

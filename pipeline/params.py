@@ -25,12 +25,15 @@ from sam3.config import (
     DEFAULT_PROMPT_CHUNK,
     META_DROP_PATH,
     SAM3_IMAGE_SIZE,
+    AdapterConfig,
     CacheConfig,
     DDPConfig,
     GuardConfig,
     LoopConfig,
     LossConfig,
     OptimConfig,
+    adapter_cache_problem,
+    adapter_problem,
     loop_problem,
 )
 from sam3.errors import ConfigError
@@ -87,6 +90,11 @@ class EvaluateParams:
     prompt_chunk: int = DEFAULT_PROMPT_CHUNK  # prompts per decoder call; lower it if memory runs out
     max_dets: int = DEFAULT_MAX_DETS  # detections kept per image across prompts (the recipe's top 100)
     threads: int | None = None  # CPU threads of torch's kernels (None: one per core); fixed, scores reproduce
+    # retention (pipeline.retention): what fine-tuning costs outside the dataset's categories
+    retention_prompts: int = 32  # negative phrases from the phrase bank, asked on every image (0: not measured)
+    retention_neighbours: float = 0.5  # the fraction of them nearest to the categories; the rest drawn at random
+    retention_seed: int = 0  # seed of the random draw
+    retention_dataset: str | None = None  # a COCO dataset folder of held-out concepts: AP on its evaluate.split
 
 
 @dataclass
@@ -120,6 +128,7 @@ class Params:
     launcher: LauncherParams = field(default_factory=LauncherParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 def read_yaml(path: Path) -> Any:
@@ -164,6 +173,20 @@ def check_values(params: Params, source: str = "params") -> None:
             params.evaluate.threads is None or params.evaluate.threads >= 1,
             "evaluate.threads must be >= 1 (null: one per core)",
         ),
+        (
+            params.evaluate.retention_prompts >= 0,
+            "evaluate.retention_prompts must be >= 0 (0: retention not measured), "
+            f"got {params.evaluate.retention_prompts}",
+        ),
+        (
+            0 <= params.evaluate.retention_neighbours <= 1,
+            "evaluate.retention_neighbours must be in [0, 1] (the fraction of nearest-neighbour phrases), "
+            f"got {params.evaluate.retention_neighbours}",
+        ),
+        (
+            params.evaluate.retention_seed >= 0,
+            f"evaluate.retention_seed must be >= 0, got {params.evaluate.retention_seed}",
+        ),
         (train.max_steps is None or train.max_steps >= 1, "train.max_steps must be >= 1 (null: train.epochs decide)"),
         (train.log_every >= 1, "train.log_every must be >= 1 (steps between logged records and progress lines)"),
         (launcher.nodes >= 1 and launcher.gpus_per_node >= 1, "launcher.nodes/gpus_per_node >= 1"),
@@ -175,10 +198,26 @@ def check_values(params: Params, source: str = "params") -> None:
     ]
     loop_issue = loop_problem(train, with_masks=params.model.mode == "segmentation")
     checks.append((loop_issue is None, loop_issue))
+    adapter = params.adapter
+    adapter_issue = adapter_problem(adapter)
+    checks.append((adapter_issue is None, adapter_issue))
+    checks.append(
+        (
+            adapter.kind == "none" or "mask_decoder" not in adapter.parts or params.model.mode == "segmentation",
+            "adapter.parts names mask_decoder, which detection mode never runs: set model.mode segmentation or "
+            "remove it from adapter.parts",
+        )
+    )
+    checks.append(
+        (
+            not (train.retain and cache.enabled),
+            "train.retain with cache.enabled: the retention regulariser needs the images; set one of them false",
+        )
+    )
     if cache.enabled:  # only then: sam3.freeze imports torch, which a stage with the cache off never needs
         from sam3.freeze import cache_freeze_problem
 
-        problem = cache_freeze_problem(train.freeze)
+        problem = cache_freeze_problem(train.freeze) or adapter_cache_problem(adapter)
         checks.append((problem is None, problem))
     for ok, message in checks:
         if not ok:

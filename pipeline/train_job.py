@@ -46,9 +46,24 @@ def build_job(
         guard=params.guard,
         ddp=params.ddp,
         cache=params.cache,
+        adapter=params.adapter,
+        retain_phrases=retain_phrases(dataset, train_annotations) if params.train.retain else [],
         feature_cache_dir=feature_cache,
         params={**to_dict(params), "code": {"sha256": code_fingerprint("pipeline.train")}},
     )
+
+
+def retain_phrases(dataset: str, train_annotations: str = ANNOTATIONS_FILE) -> list[str]:
+    """The phrases train.retain draws its prompts from: the built-in phrase bank (`pipeline.phrase_bank`) without
+    any phrase that names one of the training categories (`pipeline.negatives.name_keys`: plurals and "(sense)"
+    forms count as the same name), so the regulariser never holds the model to its old answer on a class it learns."""
+    from pipeline.negatives import name_keys
+    from pipeline.phrase_bank import load_phrase_bank
+    from sam3.coco_split import CocoSplit
+
+    categories = CocoSplit.read(dataset, "train", train_annotations).categories.values()
+    taken = frozenset().union(*(name_keys(name) for name in categories))
+    return [phrase for phrase in load_phrase_bank() if not name_keys(phrase) & taken]
 
 
 def write_resolved_params(params: Params, run_dir: Path) -> None:

@@ -27,11 +27,17 @@ CacheDtype = Literal["fp16", "fp32"]  # storage dtype of the feature cache (sam3
 Device = Literal["auto", "cpu", "cuda"]  # --device of the commands that run a model
 Auto = Literal["auto"]  # a setting worked out from the machine (train.num_workers)
 DDPStrategy = Literal["ddp", "zero"]  # how several processes hold the optimiser state (sam3.training.ddp)
+AdapterKind = Literal["none", "lora", "dora"]  # low-rank adapters through peft (sam3.adapters); none: no adapter
+# the parts of SAM 3 an adapter can go into; each names the Linear layers it adapts (sam3.adapters.PART_PATTERNS)
+AdapterPart = Literal["vision_attention", "vision_mlp", "text", "detr_encoder", "detr_decoder", "mask_decoder"]
 
 FREEZE_MODES: tuple[str, ...] = get_args(FreezeMode)
 CLASS_LOSSES: tuple[str, ...] = get_args(ClassLoss)
 CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
 DEVICE_CHOICES: tuple[str, ...] = get_args(Device)
+ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
+ADAPTER_PARTS: tuple[str, ...] = get_args(AdapterPart)
+VISION_PARTS = ("vision_attention", "vision_mlp")  # the adapter parts inside the vision encoder
 
 GRAD_CLIP = 0.1  # the recipe's max global gradient L2 norm (docs/RECIPE.md section 4)
 DEFAULT_PROMPT_CHUNK = 16  # prompts per decoder call at inference; bounds memory at 1008 px (Q pairs of 200 queries)
@@ -92,6 +98,10 @@ class LoopConfig:
     patience: int | None = 0  # stop after N validations without improvement of best_metric; 0 or None: never
     export: ExportWeights = "last"  # run_dir/model holds the last step's weights, or best.pt's (needs validation)
     wandb_project: str | None = None  # also log to Weights & Biases under this project (needs `pip install wandb`)
+    # the retention regulariser (sam3.retain): keep the outputs on prompts the data does not teach (phrases of the
+    # phrase bank, train.retain_prompts per step) close to the starting model's, weighted by loss.retain_weight
+    retain: bool = False
+    retain_prompts: int = 8
     # CPU threads of torch's kernels (None: torch's default, one per core). The sum order of a CPU matmul depends on
     # the thread count, so a fixed count gives the same weights on machines with different numbers of cores.
     threads: int | None = None
@@ -120,6 +130,8 @@ def loop_problem(loop: LoopConfig, with_masks: bool) -> str | None:
         return f"train.max_prompts_per_image = {loop.max_prompts_per_image}: must be >= 1, or null (every prompt)"
     if isinstance(loop.num_workers, int) and loop.num_workers < 0:
         return f"train.num_workers = {loop.num_workers}: must be >= 0, or auto"
+    if loop.retain and loop.retain_prompts < 1:
+        return f"train.retain_prompts = {loop.retain_prompts}: must be >= 1 with train.retain true"
     if loop.best_metric == "segm_AP" and not with_masks:
         return "train.best_metric = 'segm_AP' needs model.mode segmentation (detection mode has no masks)"
     return None
@@ -154,6 +166,9 @@ class LossConfig:
     o2m_threshold: float = 0.4  # ... and above this (score = o2m_alpha * p + (1 - o2m_alpha) * IoU)
     o2m_alpha: float = 0.3
     o2m_matcher_on_aux: bool = False  # earlier layers' o2m outputs: one-to-many (true) or Hungarian (the recipe)
+    # train.retain: weight of the retention term (BCE of the fine-tuned presence and query logits against the
+    # starting model's probabilities on the retention prompts, sam3.retain)
+    retain_weight: float = 1.0
 
 
 @dataclass
@@ -190,6 +205,68 @@ class CacheConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Low-rank adapters (`adapter` section; sam3.adapters): peft's LoRA or DoRA in the Linear layers of `parts`.
+
+    An adapted layer's own weight is frozen and only its adapter trains (W x + (alpha / rank) B A x); every other
+    parameter trains or not as train.freeze says. Typical: train.freeze heads or vision with an adapter in the ViT
+    and the DETR encoder, the decoder heads trained in full.
+    """
+
+    kind: AdapterKind = "none"
+    rank: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    parts: list[AdapterPart] = field(
+        default_factory=lambda: ["vision_attention", "vision_mlp", "detr_encoder", "detr_decoder"]
+    )
+    # base learning rate of every adapter weight, with no layer decay (adapters start from B = 0 and need a larger
+    # rate than the weights they adapt); None: the lr of the part they are in, as for the part's own weights
+    lr: float | None = 1e-4
+
+
+def adapter_problem(adapter: AdapterConfig) -> str | None:
+    """What is wrong with the `adapter` settings (None: nothing), as a message naming the key."""
+    if adapter.kind == "none":
+        return None
+    if adapter.rank < 1:
+        return f"adapter.rank = {adapter.rank}: must be >= 1"
+    if adapter.alpha <= 0:
+        return f"adapter.alpha = {adapter.alpha}: must be > 0"
+    if not 0 <= adapter.dropout < 1:
+        return f"adapter.dropout = {adapter.dropout}: must be in [0, 1)"
+    if not adapter.parts:
+        return f"adapter.parts is empty: name at least one of {', '.join(ADAPTER_PARTS)}, or set adapter.kind none"
+    if len(set(adapter.parts)) != len(adapter.parts):
+        return f"adapter.parts {adapter.parts} names a part twice"
+    if adapter.lr is not None and adapter.lr <= 0:
+        return f"adapter.lr = {adapter.lr}: must be > 0, or null (the part's own learning rate)"
+    return None
+
+
+def adapts_vision(config: AdapterConfig) -> bool:
+    return config.kind != "none" and any(part in VISION_PARTS for part in config.parts)
+
+
+def adapts_text(config: AdapterConfig) -> bool:
+    return config.kind != "none" and "text" in config.parts
+
+
+def adapter_cache_problem(config: AdapterConfig) -> str | None:
+    """Why the feature cache cannot serve a run with this adapter (None: it can): cached vision features are the
+    un-adapted encoder's, and an adapter in the ViT changes them at every step. Adapters elsewhere are fine; one in
+    the text encoder only means prompt embeddings are computed, not read from the cache."""
+    if not adapts_vision(config):
+        return None
+    vision = [part for part in config.parts if part in VISION_PARTS]
+    return (
+        f"cache.enabled with an adapter in the vision encoder (adapter.parts {vision}): the cache holds the "
+        "un-adapted encoder's features, which the adapter changes at every step; remove the vision parts from "
+        "adapter.parts, or set cache.enabled false"
+    )
+
+
+@dataclass
 class TrainJob:
     """Everything one training run needs, as plain values."""
 
@@ -207,5 +284,9 @@ class TrainJob:
     guard: GuardConfig = field(default_factory=GuardConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # train.retain: the phrases the retention regulariser draws its prompts from (the phrase bank without the
+    # dataset's categories; the pipeline fills it, the library has no bank of its own)
+    retain_phrases: list[str] = field(default_factory=list)
     feature_cache_dir: str | None = None  # the cache folder read when cache.enabled
     params: dict = field(default_factory=dict)  # the resolved params, stored in every checkpoint

@@ -8,6 +8,10 @@ processor and tokenizer that prepare inputs exactly as our own inference does, a
         tokenizer.json, tokenizer_config.json   the prompt tokenizer (transformers' `tokenizers` backend)
         vocab.json, merges.txt           the same vocabulary as CLIPTokenizer's two files
         README.md                        the model card: data, parameters, metrics, how to load it
+        adapter/                         only when the model trained an adapter (sam3.adapters): the adapter alone
+                                         in PEFT format (adapter_config.json, adapter_model.safetensors, with the
+                                         parameters trained in full) and base_model.json, the base model's identity;
+                                         config.json + model.safetensors above then hold the merged weights
 
     Sam3Processor.from_pretrained(folder) and Sam3Model.from_pretrained(folder) then run text-prompt inference in
     plain transformers, offline. The files are written into `<folder>.partial` with the model and swapped in with
@@ -46,6 +50,7 @@ from tokenizers import Regex, decoders, normalizers
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Sam3ImageProcessor, Sam3Processor
 from transformers.image_utils import PILImageResampling
 
+from sam3.adapters import ADAPTER_DIR, detector_peft, save_adapter
 from sam3.data.transforms import PIXEL_MEAN, PIXEL_STD
 from sam3.errors import ConfigError
 from sam3.inference import model_input_size
@@ -117,7 +122,13 @@ def export_model(
     def write_card(partial: Path) -> None:
         write_text(partial / CARD_FILE, readme)
 
-    detector.save_pretrained(folder, extra_files=(write_labels, write_processor, write_card))
+    def write_adapter(partial: Path) -> None:
+        save_adapter(detector, partial / ADAPTER_DIR, card.base_model if card else None)
+
+    writers = [write_labels, write_processor, write_card]
+    if detector_peft(detector) is not None:
+        writers.append(write_adapter)
+    detector.save_pretrained(folder, extra_files=writers)
     return folder
 
 

@@ -20,7 +20,8 @@ show the same content edge to edge:
           resize of the logits and one threshold at the end keeps the sub-pixel boundary the other way rounds off
           three times.
 
-`predict_dataset` gives COCO results for a split; `predict_images` gives `Detection`s for PIL images.
+`predict_dataset` gives COCO results for a split; `predict_images` gives `Detection`s for PIL images;
+`best_scores_dataset` gives every prompt's best score on every image of a split (no top-k across prompts).
 """
 
 from __future__ import annotations
@@ -171,6 +172,56 @@ def encode_prompt_features(detector: Sam3Detector, prompts: Sequence[str], chunk
     return PromptFeatures(tokens=torch.cat([p.tokens for p in parts]), mask=torch.cat([p.mask for p in parts]))
 
 
+@dataclass
+class DecodedChunk:
+    """One decode call over B images x C prompts (prompts `prompt_ids`), flattened prompt-major per image.
+
+    prompt_ids   long  [C]
+    scores       float [B, C * N]        detection_scores; entry c * N + n = prompt c, query n
+    boxes        float [B, C * N, 4]     normalised cxcywh of the S x S input
+    mask_logits  float [B, C * N, h, w]  or None in detection mode
+    """
+
+    prompt_ids: torch.Tensor
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    mask_logits: torch.Tensor | None
+
+
+def decode_chunks(
+    detector: Sam3Detector,
+    pixel_values: torch.Tensor,
+    prompts: PromptFeatures,
+    with_masks: bool = False,
+    prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
+) -> Iterator[DecodedChunk]:
+    """Decoder outputs of B images (pixel_values [B, 3, S, S]) x all P prompts, `prompt_chunk` prompts per call.
+
+    The images are encoded once; decode runs on B x C pairs per chunk of C prompts, pair q = b * C + c, so memory
+    does not grow with P.
+    """
+    num_images, num_prompts = pixel_values.shape[0], prompts.tokens.shape[0]
+    if num_prompts == 0:
+        raise ConfigError("no prompts: give at least one text prompt")
+    images = detector.encode_images(pixel_values, levels=None if with_masks else 1)
+    device = pixel_values.device
+    for start in range(0, num_prompts, prompt_chunk):
+        chunk_ids = torch.arange(start, min(start + prompt_chunk, num_prompts), device=device)
+        chunk = chunk_ids.numel()
+        query_image = torch.arange(num_images, device=device).repeat_interleave(chunk)
+        query_prompt = chunk_ids.repeat(num_images)
+        out = detector.decode(images, prompts, query_image, query_prompt, with_masks=with_masks)
+        scores = detection_scores(out["pred_logits"].float(), out["presence_logits"].float())  # [B * C, N]
+        num_queries = scores.shape[1]
+        masks = out["pred_masks"] if with_masks else None
+        yield DecodedChunk(
+            prompt_ids=chunk_ids,
+            scores=scores.reshape(num_images, chunk * num_queries),
+            boxes=out["pred_boxes"].float().reshape(num_images, chunk * num_queries, 4),
+            mask_logits=None if masks is None else masks.reshape(num_images, chunk * num_queries, *masks.shape[-2:]),
+        )
+
+
 def top_detections(
     detector: Sam3Detector,
     pixel_values: torch.Tensor,
@@ -182,32 +233,35 @@ def top_detections(
 ) -> list[TopDetections]:
     """The best `max_dets` detections of each of B images (pixel_values [B, 3, S, S]) over all P prompts.
 
-    The images are encoded once; decode runs on B x C pairs per chunk of C prompts, pair q = b * C + c.
+    The images are encoded once; decode runs on B x C pairs per chunk of C prompts (`decode_chunks`).
     """
-    num_images, num_prompts = pixel_values.shape[0], prompts.tokens.shape[0]
-    if num_prompts == 0:
-        raise ConfigError("no prompts: give at least one text prompt")
-    images = detector.encode_images(pixel_values, levels=None if with_masks else 1)
-    device = pixel_values.device
-    best: list[TopDetections | None] = [None] * num_images
-    for start in range(0, num_prompts, prompt_chunk):
-        chunk_ids = torch.arange(start, min(start + prompt_chunk, num_prompts), device=device)
-        chunk = chunk_ids.numel()
-        query_image = torch.arange(num_images, device=device).repeat_interleave(chunk)
-        query_prompt = chunk_ids.repeat(num_images)
-        out = detector.decode(images, prompts, query_image, query_prompt, with_masks=with_masks)
-        scores = detection_scores(out["pred_logits"].float(), out["presence_logits"].float())  # [B * C, N]
-        num_queries = scores.shape[1]
-        scores = scores.reshape(num_images, chunk * num_queries)
-        boxes = out["pred_boxes"].float().reshape(num_images, chunk * num_queries, 4)
-        masks = out["pred_masks"] if with_masks else None
-        if masks is not None:
-            masks = masks.reshape(num_images, chunk * num_queries, *masks.shape[-2:])
-        prompt_ids = chunk_ids.repeat_interleave(num_queries)  # [C * N], prompt-major like the scores
-        for b in range(num_images):
-            candidates = TopDetections(scores[b], prompt_ids, boxes[b], None if masks is None else masks[b])
+    best: list[TopDetections | None] = [None] * pixel_values.shape[0]
+    for chunk in decode_chunks(detector, pixel_values, prompts, with_masks, prompt_chunk):
+        num_queries = chunk.scores.shape[1] // chunk.prompt_ids.numel()
+        prompt_ids = chunk.prompt_ids.repeat_interleave(num_queries)  # [C * N], prompt-major like the scores
+        for b in range(len(best)):
+            masks = None if chunk.mask_logits is None else chunk.mask_logits[b]
+            candidates = TopDetections(chunk.scores[b], prompt_ids, chunk.boxes[b], masks)
             best[b] = merge_top(best[b], candidates, max_dets, score_threshold)
-    return best  # type: ignore[return-value]  # every entry was set: the loop ran at least once
+    return best  # type: ignore[return-value]  # every entry was set: decode_chunks yields at least once
+
+
+def best_prompt_scores(
+    detector: Sam3Detector,
+    pixel_values: torch.Tensor,
+    prompts: PromptFeatures,
+    prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
+) -> torch.Tensor:
+    """float [B, P]: each prompt's best detection score on each image, best[b, p] = max over queries n of score.
+
+    The score `predict` compares with its threshold, for every prompt rather than the top detections across prompts
+    (a prompt absent from the top `max_dets` still has a best score). Boxes and masks are not decoded.
+    """
+    best = []
+    for chunk in decode_chunks(detector, pixel_values, prompts, with_masks=False, prompt_chunk=prompt_chunk):
+        per_prompt = chunk.scores.reshape(chunk.scores.shape[0], chunk.prompt_ids.numel(), -1)  # [B, C, N]
+        best.append(per_prompt.max(dim=2).values)
+    return torch.cat(best, dim=1)
 
 
 def boxes_to_original_xyxy(boxes: torch.Tensor, image_record: Mapping[str, Any]) -> torch.Tensor:
@@ -256,6 +310,18 @@ def _inference(detector: Sam3Detector, device: torch.device) -> Iterator[None]:
         detector.train(was_training)
 
 
+def _split_images(detector: Sam3Detector, dataset_dir: str | Path, split: str) -> CocoPromptDataset:
+    """The split's images as the model sees them (validation transform, S x S); DataError for a missing split."""
+    # with_masks=False: inference needs the images only, not the decoded GT masks
+    return CocoPromptDataset(dataset_dir, split, image_size=model_input_size(detector), train=False)
+
+
+def _image_batches(dataset: CocoPromptDataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Batches of samples in file order, as lists."""
+    # collate_fn=list: the prompts are the same for every image, so the samples' own queries are not needed
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=list)
+
+
 def predict_dataset(
     detector: Sam3Detector,
     dataset_dir: str | Path,
@@ -266,17 +332,18 @@ def predict_dataset(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     num_workers: int = 0,
+    desc: str = "inference",
 ) -> list[dict[str, Any]]:
     """COCO results for every image of one split, prompts = its category names, in ORIGINAL image coordinates.
 
     Each result: {image_id, category_id, bbox [x, y, w, h] (original pixels), score, segmentation (compressed RLE
     of size [orig_height, orig_width], only when `with_masks`)}. Images in file order, best score first within an
-    image, at most `max_dets` per image. Moves `detector` to `device` (None: CUDA if available).
+    image, at most `max_dets` per image. Moves `detector` to `device` (None: CUDA if available). `desc` labels the
+    progress bar.
     Raises DataError for a missing split or unreadable image, ConfigError for bad options.
     """
     resolved = resolve_device(device)
-    # with_masks=False: inference needs the images only, not the decoded GT masks
-    dataset = CocoPromptDataset(dataset_dir, split, image_size=model_input_size(detector), train=False)
+    dataset = _split_images(detector, dataset_dir, split)
     category_ids = list(dataset.categories)  # sorted by id
     prompts = [dataset.categories[c] for c in category_ids]
     _check_options(prompts, prompt_chunk, max_dets, batch_size)
@@ -290,10 +357,9 @@ def predict_dataset(
         }
         for r in dataset.records
     }
-    # collate_fn=list: the prompts are the same for every image, so the samples' own queries are not needed
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=list)
+    loader = _image_batches(dataset, batch_size, num_workers)
     results: list[dict[str, Any]] = []
-    with _inference(detector, resolved), tqdm(total=len(dataset), desc=f"inference {split}", unit="img") as bar:
+    with _inference(detector, resolved), tqdm(total=len(dataset), desc=f"{desc} {split}", unit="img") as bar:
         features = encode_prompt_features(detector, prompts, prompt_chunk)
         for samples in loader:
             pixel_values = torch.stack([s.image for s in samples]).to(resolved)
@@ -303,6 +369,40 @@ def predict_dataset(
             bar.update(len(samples))
     logger.info("%s/%s: %d detections on %d images", dataset_dir, split, len(results), len(dataset))
     return results
+
+
+def best_scores_dataset(
+    detector: Sam3Detector,
+    dataset_dir: str | Path,
+    split: str,
+    prompts: Sequence[str],
+    prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    desc: str = "scores",
+) -> tuple[list[int], torch.Tensor]:
+    """Each prompt's best detection score on each image of a split, whatever the split's categories.
+
+    Returns the image ids (file order) and float [I, P] on the CPU: best[i, p] = max over the decoder queries of
+    sigmoid(logit) * sigmoid(presence) (`best_prompt_scores`). Batching, prompt chunks and devices as
+    `predict_dataset`; `desc` labels the progress bar. Raises DataError for a missing split, ConfigError for bad
+    options.
+    """
+    resolved = resolve_device(device)
+    dataset = _split_images(detector, dataset_dir, split)
+    _check_options(prompts, prompt_chunk, 1, batch_size)
+    image_ids: list[int] = []
+    rows: list[torch.Tensor] = []
+    with _inference(detector, resolved), tqdm(total=len(dataset), desc=f"{desc} {split}", unit="img") as bar:
+        features = encode_prompt_features(detector, prompts, prompt_chunk)
+        for samples in _image_batches(dataset, batch_size, num_workers):
+            pixel_values = torch.stack([s.image for s in samples]).to(resolved)
+            rows.append(best_prompt_scores(detector, pixel_values, features, prompt_chunk).float().cpu())
+            image_ids.extend(s.image_id for s in samples)
+            bar.update(len(samples))
+    scores = torch.cat(rows) if rows else torch.zeros(0, len(prompts))
+    return image_ids, scores
 
 
 def _coco_results(record: Mapping[str, Any], top: TopDetections, category_ids: list[int]) -> list[dict[str, Any]]:

@@ -445,7 +445,12 @@ class Sam3Detector(nn.Module):
         partial = folder.with_name(folder.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)  # a crashed earlier export
-        self.model.save_pretrained(partial)
+        # with an adapter (sam3.adapters): its update merged into the weights, under transformers' own names, so a
+        # plain Sam3Model.from_pretrained loads the fine-tuned model
+        from sam3.adapters import detector_peft, merged_state_dict
+
+        state = merged_state_dict(self) if detector_peft(self) is not None else None
+        self.model.save_pretrained(partial, state_dict=state)
         for write in extra_files:
             write(partial)
         replace_folder(partial, folder)

@@ -21,6 +21,7 @@ import re
 import torch
 from torch import nn
 
+from sam3.adapters import is_adapter_parameter
 from sam3.config import OptimConfig
 
 VISION_PREFIX = "vision_encoder."
@@ -81,15 +82,21 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, config: OptimConfig, num_vit_blocks: int) -> list[dict]:
-    """AdamW groups keyed by (component, layer scale, weight decay) over the trainable parameters of `model`."""
-    base = {"vision": config.lr_vision, "text": config.lr_text, "detr": config.lr_detr}
+def param_groups(
+    model: nn.Module, config: OptimConfig, num_vit_blocks: int, adapter_lr: float | None = None
+) -> list[dict]:
+    """AdamW groups keyed by (component, layer scale, weight decay) over the trainable parameters of `model`.
+
+    `adapter_lr`: the adapter weights (sam3.adapters) form the component "adapter" with this base rate and no layer
+    decay; None: they belong to the part they are in, like that part's own weights.
+    """
+    base = {"vision": config.lr_vision, "text": config.lr_text, "detr": config.lr_detr, "adapter": adapter_lr}
     skip_decay = no_weight_decay_names(model)
     groups: dict[tuple[str, float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        component = component_of(name)
+        component = "adapter" if adapter_lr is not None and is_adapter_parameter(name) else component_of(name)
         scale = vit_layer_scale(name, num_vit_blocks, config.layer_decay) if component == "vision" else 1.0
         weight_decay = 0.0 if name in skip_decay else config.weight_decay
         key = (component, scale, weight_decay)
@@ -113,7 +120,7 @@ FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
 
 
 def build_optimizer(
-    model: nn.Module, config: OptimConfig, num_vit_blocks: int, shard: bool = False
+    model: nn.Module, config: OptimConfig, num_vit_blocks: int, shard: bool = False, adapter_lr: float | None = None
 ) -> torch.optim.Optimizer:
     """AdamW over `param_groups`, with PyTorch's fused kernel when every parameter is on the CPU or a CUDA GPU.
 
@@ -127,7 +134,7 @@ def build_optimizer(
     clipping sees the global norm and the update is DDP's: the same weights within float round-off. Its state_dict
     needs `consolidate_state_dict` on every rank first (`sam3.training.resume` does it before a checkpoint).
     """
-    groups = param_groups(model, config, num_vit_blocks)
+    groups = param_groups(model, config, num_vit_blocks, adapter_lr)
     if not groups:
         raise ValueError("no trainable parameters: every parameter is frozen")
     device_types = {p.device.type for g in groups for p in g["params"]}

@@ -18,7 +18,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import Sam3Config, Sam3Model
 
-from sam3.config import DDPConfig, GuardConfig, LoopConfig, LossConfig, ModelOptions, OptimConfig, TrainJob
+from sam3.config import (
+    AdapterConfig,
+    DDPConfig,
+    GuardConfig,
+    LoopConfig,
+    LossConfig,
+    ModelOptions,
+    OptimConfig,
+    TrainJob,
+)
 from sam3.losses import Criterion
 from sam3.model import tiny_config
 from tests.datasets import build_shapes_dataset
@@ -73,6 +82,7 @@ def make_job(
     model: ModelOptions | None = None,
     loss: LossConfig | None = None,
     ddp: DDPConfig | None = None,
+    adapter: AdapterConfig | None = None,
     **loop: object,
 ) -> TrainJob:
     """A TrainJob at IMAGE_SIZE with test-sized loop settings; `loop` overrides LoopConfig fields; `model` and `loss`
@@ -89,6 +99,7 @@ def make_job(
         model=model or ModelOptions(),
         loss=loss or LossConfig(),
         ddp=ddp or DDPConfig(),
+        adapter=adapter or AdapterConfig(),
         params={"test": True},
     )
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from sam3.batch import PromptBatch
 from sam3.coco import ANNOTATIONS_FILE
-from sam3.config import CacheConfig
+from sam3.config import AdapterConfig, CacheConfig, adapter_cache_problem, adapts_text
 from sam3.data.collate import collate_prompts
 from sam3.data.dataset import CocoPromptDataset, PromptQuery, PromptSample, sample_generator
 from sam3.data.sampler import EpochDataset
@@ -158,6 +158,7 @@ def open_training_cache(
     cache: CacheConfig,
     freeze: str,
     *,
+    adapter: AdapterConfig | None = None,
     model_source: str,
     negatives: str | Path | None = None,
 ) -> CachedPromptDataset:
@@ -167,7 +168,7 @@ def open_training_cache(
     stale), when the folder holds no enabled cache, when its key does not serve the run (each differing field
     named) or when a prompt of the run has no cached embedding while the text encoder is frozen.
     """
-    problem = cache_freeze_problem(freeze)
+    problem = cache_freeze_problem(freeze) or (adapter_cache_problem(adapter) if adapter else None)
     if problem:
         raise ConfigError(problem)
     if folder is None:
@@ -180,7 +181,8 @@ def open_training_cache(
         raise ConfigError(f"{folder}: no feature cache (no manifest.json: not built, or interrupted); build: {command}")
     if not manifest.get("enabled"):
         raise ConfigError(f"{folder}: this feature cache was written with cache.enabled false; build it: {command}")
-    with_text = freezes_text(freeze)
+    # an adapter in the text encoder changes the prompt embeddings at every step: computed, not read
+    with_text = freezes_text(freeze) and not (adapter is not None and adapts_text(adapter))
     run_prompts = dataset_prompts([dataset])
     expected = cache_key(detector, {dataset.split: dataset.annotation_file}, run_prompts, cache, with_masks)
     problems = training_mismatches(manifest["key"], expected, with_text)

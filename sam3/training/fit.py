@@ -34,6 +34,7 @@ from sam3.distributed import DistInfo, barrier
 from sam3.engine import StepResult, train_step
 from sam3.features import CachedDetector
 from sam3.optim import set_lr
+from sam3.retain import RetainedDetector
 from sam3.training.best import metric_name, record_validation, stop_reason
 from sam3.training.ddp import from_main_rank, global_means, wrap_ddp
 from sam3.training.loader import resolve_num_workers
@@ -70,7 +71,10 @@ class FitLoop:
             logger.warning("%s not found: no validation in this run", valid)
             self.validate_every = 0
         detector = parts.detector
-        self.model = wrap_ddp(CachedDetector(detector) if job.cache.enabled else detector, job.ddp, dist_info)
+        model = CachedDetector(detector) if job.cache.enabled else detector
+        if self.loop.retain:  # retention phrases join each batch; the teacher answers them too (sam3.retain)
+            model = RetainedDetector(detector, job.retain_phrases, self.loop.retain_prompts, parts.retain_reference)
+        self.model = wrap_ddp(model, job.ddp, dist_info)
         workers = resolve_num_workers(self.loop.num_workers, self.device)
         if self.loop.num_workers == "auto":
             logger.info("train.num_workers auto: %d loader processes on %s", workers, self.device.type)

@@ -20,20 +20,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sam3.adapters import adapter_summary, attach_adapter, set_adapter_trainable
 from sam3.compiling import compile_vit_blocks
-from sam3.config import AmpDtype, TrainJob
+from sam3.config import AmpDtype, TrainJob, adapts_vision
 from sam3.data.collate import collate_prompts
 from sam3.data.dataset import CocoPromptDataset
 from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.distributed import DistInfo
 from sam3.drop_path import attach_drop_path
+from sam3.errors import ConfigError
 from sam3.features import open_training_cache
-from sam3.freeze import apply_freeze, freezes_vision
+from sam3.freeze import apply_freeze, freezes_vision, parameter_counts
 from sam3.guard import DivergenceGuard
 from sam3.losses import Criterion
 from sam3.memory import enable_activation_checkpointing
 from sam3.model import Sam3Detector, load_model, parameters_without_text_gradients
 from sam3.optim import build_optimizer
+from sam3.retain import RetainCriterion
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +57,10 @@ class RunParts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None  # fp16 on CUDA only
     amp_dtype: torch.dtype | None  # None: fp32
-    criterion: Criterion
+    criterion: Criterion | RetainCriterion
     guard: DivergenceGuard
+    # train.retain without an adapter: the starting model, frozen, the teacher of sam3.retain (None otherwise)
+    retain_reference: Sam3Detector | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -82,6 +87,13 @@ def build_run(job: TrainJob, dist_info: DistInfo) -> RunParts:
         total_steps,
     )
     num_blocks = detector.config.vision_config.backbone_config.num_hidden_layers
+    criterion = Criterion(job.loss, with_masks=job.with_masks)
+    reference = None
+    if loop.retain:
+        if job.cache.enabled:
+            raise ConfigError("train.retain with cache.enabled: the regulariser needs the images; set one of them off")
+        criterion = RetainCriterion(criterion, job.loss.retain_weight)
+        reference = None if job.adapter.kind != "none" else build_reference(job, device)
     amp_dtype = AMP_DTYPES[loop.amp_dtype] if device.type == "cuda" else None
     return RunParts(
         detector=detector,
@@ -90,12 +102,29 @@ def build_run(job: TrainJob, dist_info: DistInfo) -> RunParts:
         sampler=sampler,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        optimizer=build_optimizer(detector.model, job.optim, num_blocks, shard=shards_optimizer(job, dist_info)),
+        optimizer=build_optimizer(
+            detector.model,
+            job.optim,
+            num_blocks,
+            shard=shards_optimizer(job, dist_info),
+            adapter_lr=job.adapter.lr if job.adapter.kind != "none" else None,
+        ),
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
         amp_dtype=amp_dtype,
-        criterion=Criterion(job.loss, with_masks=job.with_masks),
+        criterion=criterion,
         guard=DivergenceGuard(job.guard),
+        retain_reference=reference,
     )
+
+
+def build_reference(job: TrainJob, device: torch.device) -> Sam3Detector:
+    """The starting model of a full fine-tune, frozen in eval mode: the teacher of train.retain (sam3.retain).
+    Loaded as `build_detector` loads it (same source, size and seed: the same weights), without training options."""
+    reference = load_model(
+        job.model_source, image_size=job.image_size, text_geometry_token=job.model.text_geometry_token
+    )
+    logger.info("train.retain: a frozen copy of the starting model is the teacher (the model's size again in memory)")
+    return reference.requires_grad_(False).eval().to(device)
 
 
 def shards_optimizer(job: TrainJob, dist_info: DistInfo) -> bool:
@@ -111,8 +140,9 @@ def shards_optimizer(job: TrainJob, dist_info: DistInfo) -> bool:
 
 
 def build_detector(job: TrainJob, device: torch.device) -> Sam3Detector:
-    """The model of `job.model_source`, in train mode, frozen as train.freeze says (plus the parameters text prompts
-    never reach), with activation checkpointing and compiled ViT blocks when asked, on `device`."""
+    """The model of `job.model_source`, in train mode, with the adapter of `job.adapter` (sam3.adapters), frozen as
+    train.freeze says (plus the parameters text prompts never reach; an adapted layer's own weight always), with
+    activation checkpointing and compiled ViT blocks when asked, on `device`."""
     loop, options = job.loop, job.model
     detector = load_model(
         job.model_source,
@@ -121,16 +151,25 @@ def build_detector(job: TrainJob, device: torch.device) -> Sam3Detector:
         text_geometry_token=options.text_geometry_token,
     )
     detector.train()
+    if job.adapter.kind != "none":  # before freezing: the adapted names (base_layer, lora_A, ...) exist from here on
+        attach_adapter(detector, job.adapter)
     unused = parameters_without_text_gradients(detector, with_masks=job.with_masks)
     counts = apply_freeze(detector.model, loop.freeze, also_freeze=unused)
+    if job.adapter.kind != "none":
+        set_adapter_trainable(detector.model, keep_frozen=unused)
+        counts = parameter_counts(detector.model)
+        logger.info(adapter_summary(detector.model))
     logger.info(
-        "parameters: %s trainable, %s frozen (freeze=%s, %d tensors never get a gradient from text prompts)",
+        "parameters: %s trainable, %s frozen (freeze=%s, adapter=%s, %d tensors never get a gradient from text "
+        "prompts)",
         f"{counts['trainable']:,}",
         f"{counts['frozen']:,}",
         loop.freeze,
+        job.adapter.kind,
         len(unused),
     )
-    if options.drop_path > 0 and not freezes_vision(loop.freeze):
+    vit_trains = not freezes_vision(loop.freeze) or adapts_vision(job.adapter)
+    if options.drop_path > 0 and vit_trains:
         # stochastic depth only where the ViT trains: in a frozen encoder it would only add noise to its features
         rates = attach_drop_path(detector.model, options.drop_path).rates
         logger.info("drop-path on %d ViT blocks, %.3g .. %.3g", len(rates), rates[0], rates[-1])
@@ -164,6 +203,7 @@ def build_train_set(job: TrainJob, detector: Sam3Detector) -> tuple[EpochKeyed, 
             detector,
             job.cache,
             loop.freeze,
+            adapter=job.adapter,
             model_source=job.model_source,
             negatives=job.negatives,
         )

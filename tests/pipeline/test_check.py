@@ -64,6 +64,20 @@ def test_every_problem_is_reported_and_nothing_written(dataset, tmp_path, capsys
     assert f"{dataset / 'valid' / '_annotations.coco.json'} not found" in capsys.readouterr().err
 
 
+def test_the_retention_dataset_needs_the_evaluated_split(dataset, tmp_path, capsys):
+    argv = ["check", "--dataset", str(dataset), "--out", str(tmp_path / "check.json")]
+    assert main([*argv, "--set", f"evaluate.retention_dataset={dataset}"]) == 0
+    assert (
+        f"evaluate.retention_dataset: {dataset} (test split)"
+        in json.loads((tmp_path / "check.json").read_text())["checked"]
+    )
+    missing = tmp_path / "held_out"
+    assert main([*argv, "--set", f"evaluate.retention_dataset={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"evaluate.retention_dataset = {missing}: {missing / 'test' / '_annotations.coco.json'} not found" in err
+    assert "Traceback" not in err
+
+
 def test_a_params_mistake_is_named_before_anything_else(dataset, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train": {"freeze": "vison", "treads": 2}}))

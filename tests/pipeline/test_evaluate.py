@@ -79,6 +79,7 @@ def test_segmentation_writes_metrics_predictions_and_plots(shapes, tmp_path, cap
         "cgF1": metrics["cgF1"],
         "IL_MCC": metrics["IL_MCC"],
         "pmF1": metrics["pmF1"],
+        "retention_rejection": metrics["retention"]["rejection"],  # evaluate.retention_prompts defaults to 32
         "steps": 70,
         "train_loss": 5.0,
     }  # no images/s: it differs from machine to machine, and the summary is committed
@@ -198,11 +199,76 @@ def test_baseline_adds_the_before_after_table(shapes, tmp_path, capsys):
     report = (tmp_path / evaluate.REPORT_FILE).read_text()
     lines = report.splitlines()
     assert lines[2] == f"| metric | baseline: tiny | model: {model_dir} | change |"
-    rows = {line.split(" | ")[0][2:]: line for line in lines[4:]}
+    rows = {line.split(" | ")[0][2:]: line for line in lines[4 : lines.index("", 4)]}  # the first table's rows
     assert list(rows) == ["bbox_AP", "bbox_AP50", "bbox_AP75", "cgF1", "cgF1_50", "IL_MCC", "pmF1", "pmF1_50"]
     before, after = baseline["bbox_AP50"], metrics["bbox_AP50"]
     assert rows["bbox_AP50"] == f"| bbox_AP50 | {before:.3f} | {after:.3f} | {after - before:+.3f} |"
     assert report in capsys.readouterr().out
+
+
+def test_retention_for_the_model_and_its_baseline(shapes, tmp_path, capsys):
+    model_dir = tmp_path / "finetuned"
+    load_model("tiny", seed=1).save_pretrained(model_dir)  # stands in for a fine-tuned model
+    out, summary_file = tmp_path / "metrics.json", tmp_path / "summary.json"
+    args = parse(
+        "--model", model_dir, "--dataset", shapes, "--out", out, "--baseline", "tiny", "--max-dets", "20",
+        "--summary", summary_file, "--set", "evaluate.retention_prompts=5", "evaluate.retention_neighbours=0.4",
+    )  # fmt: skip
+    assert evaluate.run(args) == 0
+
+    metrics = json.loads(out.read_text())
+    model, baseline = metrics["retention"], metrics["baseline"]["retention"]
+    # floor(5 x 0.4 + 1/2) = 2 nearest neighbours and 3 random phrases, asked of both models on the 2 test images
+    assert (len(model["phrases"]["neighbours"]), len(model["phrases"]["random"])) == (2, 3)
+    assert baseline["phrases"] == model["phrases"]
+    for block, own in ((model, metrics), (baseline, metrics["baseline"])):
+        assert (block["num_images"], block["num_phrases"], block["num_pairs"]) == (2, 5, 2 * 5)
+        assert 0.0 <= block["rejection"] <= 1.0
+        assert block["rejection"] == block["num_rejected"] / 10
+        assert sum(block["counts"].values()) == 2 * len(CATEGORY_NAMES) + 10  # the split's own pairs + negatives
+        assert block["IL_MCC_own"] == pytest.approx(own["IL_MCC"])  # own pairs counted as the SA-Co metrics do
+        assert -1.0 <= block["IL_MCC"] <= 1.0
+        assert "dataset" not in block
+
+    report = (tmp_path / evaluate.REPORT_FILE).read_text()
+    retention = report[report.index("## Retention") :].splitlines()
+    assert f"| metric | baseline: tiny | model: {model_dir} | change |" in retention
+    before, after = baseline["rejection"], model["rejection"]
+    assert f"| rejection of negative prompts | {before:.3f} | {after:.3f} | {after - before:+.3f} |" in retention
+    assert any(line.startswith("| IL_MCC with negative prompts | ") for line in retention)
+    assert json.loads(summary_file.read_text())["retention_rejection"] == after
+    printed = capsys.readouterr().out
+    assert f"retention: rejection {after:.3f} ({model['num_rejected']} of 10 pairs)" in printed
+    assert f"baseline retention: rejection {before:.3f}" in printed and "## Retention" in printed
+
+
+def test_a_retention_dataset_is_scored_and_a_missing_one_named(shapes, tmp_path, capsys):
+    out, summary_file = tmp_path / "metrics.json", tmp_path / "summary.json"
+    common = ("--dataset", shapes, "--out", out, "--max-dets", "20", "--summary", summary_file)
+    # the split itself as the held-out dataset: its AP must be the split's own; no negative prompts (0)
+    args = parse(
+        "--model", "tiny", *common, "--set", f"evaluate.retention_dataset={shapes}", "evaluate.retention_prompts=0"
+    )
+    assert evaluate.run(args) == 0
+    metrics = json.loads(out.read_text())
+    assert list(metrics["retention"]) == ["dataset"]
+    held_out = metrics["retention"]["dataset"]
+    assert isinstance(held_out["bbox_AP"], float) and held_out["bbox_AP"] == pytest.approx(metrics["bbox_AP"])
+    assert (held_out["path"], held_out["split"], held_out["num_images"]) == (str(shapes), "test", 2)
+    summary = json.loads(summary_file.read_text())
+    assert summary["retention_AP"] == held_out["bbox_AP"] and "retention_rejection" not in summary
+    assert "| held-out bbox_AP |" in (tmp_path / evaluate.REPORT_FILE).read_text()
+    capsys.readouterr()
+
+    # checked before any model loads (the model folder is missing too); one line, exit 2, no traceback
+    missing = tmp_path / "held_out"
+    argv = ["evaluate", "--model", str(tmp_path / "nope"), "--dataset", str(shapes), "--out", str(tmp_path / "m.json")]
+    assert cli.main([*argv, "--set", f"evaluate.retention_dataset={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: evaluate.retention_dataset = {missing}: not a COCO dataset with a 'test' split" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert cli.main([*argv, "--set", "evaluate.retention_prompts=-1"]) == 2
+    assert "evaluate.retention_prompts must be >= 0" in capsys.readouterr().err
 
 
 def test_comparison_table_by_hand():
