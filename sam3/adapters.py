@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sam3.checkpoint_frozen import fingerprint
+from sam3.checkpoint_frozen import tensors_fingerprint
 from sam3.config import ADAPTER_PARTS, AdapterConfig
 from sam3.errors import ConfigError, ExportError
 
@@ -246,22 +246,6 @@ def base_fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str,
     names, leaving out `exclude` (names of either form): the same record for a base model and for the adapted
     model trained from it, as long as only the excluded parameters and the adapter changed."""
     excluded = {name.replace(_BASE_LAYER, ".") for name in exclude}
-    keys = []
-    for key, _ in model.named_parameters():
-        plain = key.replace(_BASE_LAYER, ".")
-        if not is_adapter_parameter(key) and plain not in excluded:
-            keys.append(key)
-    renamed = _RenamedState(model, keys)
-    return fingerprint(renamed, tuple(sorted(renamed.state)))
-
-
-class _RenamedState(nn.Module):
-    """A view of some parameters of `model` under their transformers names, for `fingerprint` (reads state_dict)."""
-
-    def __init__(self, model: nn.Module, keys: Sequence[str]):
-        super().__init__()
-        params = dict(model.named_parameters())
-        self.state = {key.replace(_BASE_LAYER, "."): params[key] for key in keys}
-
-    def state_dict(self, *args, **kwargs):  # noqa: D102 - fingerprint reads the tensors by key
-        return self.state
+    plain = {key.replace(_BASE_LAYER, "."): param for key, param in model.named_parameters()}
+    kept = sorted(key for key in plain if not is_adapter_parameter(key) and key not in excluded)
+    return tensors_fingerprint([(key, plain[key]) for key in kept])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -68,11 +69,16 @@ class FrozenPart:
 def fingerprint(model: nn.Module, keys: tuple[str, ...]) -> dict[str, int | str]:
     """The record of the state_dict entries `keys` of `model` (module docstring)."""
     state = model.state_dict()
+    return tensors_fingerprint([(key, state[key]) for key in keys])
+
+
+def tensors_fingerprint(named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, int | str]:
+    """{"names": count, "sha256"} over (key, tensor) pairs in the given order (module docstring's digest)."""
     digest = hashlib.sha256()
-    for key in keys:
-        tensor = state[key].detach()
+    for key, tensor in named:
+        tensor = tensor.detach()
         digest.update(f"{key}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
         # one tensor at a time on the CPU: a GPU model is never copied whole; view(uint8) also covers bf16
         data = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
         digest.update(data.numpy().data)
-    return {"names": len(keys), "sha256": digest.hexdigest()}
+    return {"names": len(named), "sha256": digest.hexdigest()}
