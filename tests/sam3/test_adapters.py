@@ -125,7 +125,9 @@ def _adapted(parts=ALL_PARTS, kind="lora", freeze="heads", seed=0) -> Sam3Detect
     """A tiny detector at IMAGE_SIZE with an adapter whose B matrices are random (as after training), heads trained:
     their weights moved too, so the exports must carry them."""
     detector = load_model("tiny", image_size=IMAGE_SIZE, seed=seed)
-    attach_adapter(detector, AdapterConfig(kind=kind, rank=4, parts=parts))
+    with torch.random.fork_rng(devices=[]):  # peft draws the A matrices from the global generator
+        torch.manual_seed(seed)
+        attach_adapter(detector, AdapterConfig(kind=kind, rank=4, parts=parts))
     unused = parameters_without_text_gradients(detector, with_masks=True)
     apply_freeze(detector.model, freeze, also_freeze=unused)
     set_adapter_trainable(detector.model, keep_frozen=unused)

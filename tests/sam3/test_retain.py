@@ -105,6 +105,7 @@ def test_draws_skip_the_batch_prompts_and_repeat_under_the_same_seed():
 def test_with_a_fresh_adapter_the_student_is_the_teacher_and_only_the_adapter_learns(shapes, tmp_path):
     source = save_dropout_free_tiny(tmp_path / "tiny")  # no dropout: train mode computes what eval mode does
     detector = load_model(source, image_size=IMAGE_SIZE).train()
+    torch.manual_seed(0)  # peft's A matrices and the B matrices drawn below: the same model on every run
     attach_adapter(detector, AdapterConfig(kind="lora", rank=2, parts=["detr_encoder", "detr_decoder"]))
     for name, param in detector.model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
