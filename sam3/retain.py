@@ -118,12 +118,13 @@ class RetainedDetector(nn.Module):
         if reference is not None:
             yield reference
             return
+        was_training = self.detector.training
         self.detector.eval()
         try:
             with adapter_disabled(self.detector):
                 yield self.detector
         finally:
-            self.detector.train()
+            self.detector.train(was_training)
 
 
 def extend_batch(batch: PromptBatch, retain_ids: torch.Tensor) -> tuple[PromptBatch, PromptBatch]:
