@@ -15,7 +15,8 @@ import torch
 class VideoClip:
     """T consecutive frames of one video, resized to S x S, with the masks of the O objects tracked in it.
 
-    frames: (T, 3, S, S) float32, normalised with the model's mean/std (ImageNet for both trackers)
+    frames: (T, 3, S, S) float32, normalised with the model's mean/std (ImageNet for SAM 2.1, 0.5/0.5 for SAM 3:
+        sam3.video.transforms.PIXEL_STATS)
     masks:  (T, O, S, S) bool; masks[t, k] is object k in frame t, all False where it is absent or occluded
     object_ids: the O objects' ids in the dataset (palette values of DAVIS/MOSE, masklet ids of SA-V)
     frame_names: the T frames' names (file stems) in the video, for writing predictions back
