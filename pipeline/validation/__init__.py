@@ -11,4 +11,9 @@
 - `report`: the report (counts, problems, exit code), its JSON and the human summary.
 
 `pipeline.validate` runs them in that order.
+
+Video datasets (`python -m pipeline vos-validate`, DAVIS/MOSE layout) have their own `vos_*` modules, in the same
+roles: `vos_problems` (check names), `vos_layout` (splits and videos found), `vos_files` (frames and palette PNGs
+opened), `vos_tables` (frame/annotation/object tables), `vos_suites` (great-expectations over them), `vos_output`
+(clean copy, whole-video quarantine) and `vos_report`; `pipeline.vos_validate` runs them.
 """
