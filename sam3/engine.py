@@ -95,14 +95,14 @@ def train_step(
         total = total + loss.detach()
         for name, value in losses.items():
             terms[name] = terms.get(name, 0) + value.detach()
-    mean_loss, finite = _read_on_every_rank(total)
+    mean_loss, finite = read_on_every_rank(total)
     if not finite:  # a NaN must never reach the weights: drop its gradients before anything steps
         optimizer.zero_grad(set_to_none=True)
         return StepResult(total, terms, None, finite=False, mean_loss=mean_loss)
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else _grad_norm(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else grad_norm_of(params)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -111,7 +111,7 @@ def train_step(
     return StepResult(total, terms, grad_norm.detach(), finite=True, mean_loss=mean_loss)
 
 
-def _read_on_every_rank(loss: torch.Tensor) -> tuple[float, bool]:
+def read_on_every_rank(loss: torch.Tensor) -> tuple[float, bool]:
     """(the loss averaged over ranks, whether it is finite on every rank), read on the host in one copy.
 
     One all_reduce (SUM) of [loss, 1 if loss is not finite] under torch.distributed, then one `to_host`: every rank
@@ -127,5 +127,5 @@ def _read_on_every_rank(loss: torch.Tensor) -> tuple[float, bool]:
     return mean_loss, non_finite_ranks == 0
 
 
-def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+def grad_norm_of(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))

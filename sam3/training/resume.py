@@ -186,7 +186,7 @@ def resume_or_start(checkpoints: RunCheckpoints) -> TrainState:
         stored = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
         if _params_changed(resume_from, stored.get("params") or {}, checkpoints.job.params):
             if checkpoints.dist_info.is_main:
-                _set_aside(checkpoints.folder, resume_from)
+                set_aside(checkpoints.folder, resume_from)
             barrier()
             resume_from = None
         else:
@@ -267,7 +267,7 @@ def _params_changed(checkpoint: Path, stored: dict, params: dict) -> bool:
     return bool(changes)
 
 
-def _set_aside(ckpt_dir: Path, newest: Path) -> None:
+def set_aside(ckpt_dir: Path, newest: Path) -> None:
     """Keep the newest checkpoint of the previous run as superseded.pt; remove its other step files."""
     newest.replace(ckpt_dir / "superseded.pt")
     for old in ckpt_dir.glob("step_*.pt"):

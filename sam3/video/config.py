@@ -70,7 +70,7 @@ class VosOptimConfig:
     lr: float = 5e-6  # everything but the image encoder
     lr_vision: float = 3e-6  # the image encoder
     final_factor: float = 0.1  # cosine ends at a tenth
-    layer_decay: float = 0.9  # per trunk block, from the last (x1) to the first; position embeddings excluded
+    layer_decay: float = 0.9  # trunk block j of L: lr x decay^(L - j); the patch embedding x decay^(L + 1)
     weight_decay: float = 0.1  # 0 on biases and norms
     grad_clip: float = 0.1  # max global gradient L2 norm
     warmup: int = 0  # linear warmup steps (the reference has none)
