@@ -11,6 +11,9 @@ other dataset stage of dvc.yaml depends on its output, and it only reads:
 - the dataset (`--dataset`, default dataset.raw): a folder holding the train split and the split evaluate scores
   (`evaluate.split`);
 - evaluate.retention_dataset, when set: a folder holding that split too (`pipeline.retention`).
+With `--vos` (the vos_check stage, before the video stages) it checks the `vos:` section instead: vos.model.source
+("tiny-sam2.1", "tiny-sam3", or a folder holding a tracker's config.json and weights) and the VOS dataset (`--dataset`,
+default vos.dataset.raw): train/ holding JPEGImages/ and Annotations/, and vos.evaluate.split holding both.
 Every problem is reported (one line each), not only the first; exit 2 when there is any. When all hold, it writes
 `--out` with the list of what it checked: the same bytes whenever nothing changed, so the stages after it do not
 re-run because of it.
@@ -38,6 +41,7 @@ TRAIN_SPLIT = "train"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", type=Path, help="the raw dataset the stages read (default: dataset.raw)")
     parser.add_argument("--out", type=Path, help="write the list of checks here when everything holds")
+    parser.add_argument("--vos", action="store_true", help="check the vos: section and a VOS dataset instead")
     add_params_arguments(parser, ())
 
 
@@ -90,8 +94,41 @@ def checks_of(params: Params, dataset: Path | None = None) -> list[Callable[[], 
     return found
 
 
+def _vos_model(source: str) -> Callable[[], str]:
+    def check() -> str:
+        from pipeline.vos_train import check_tracker_source
+
+        check_tracker_source(source)
+        return f"vos.model.source: {source}"
+
+    return check
+
+
+def _vos_split(dataset: Path, split: str) -> Callable[[], str]:
+    def check() -> str:
+        folder = dataset / split
+        for name in ("JPEGImages", "Annotations"):
+            if not (folder / name).is_dir():
+                raise ConfigError(
+                    f"{folder / name} not found; the VOS stages need the {split} split of {dataset} (MOSE layout: "
+                    "train/ and valid/, each JPEGImages/<video>/ + Annotations/<video>/)"
+                )
+        return f"vos dataset: {split} split"
+
+    return check
+
+
+def vos_checks_of(params: Params, dataset: Path | None = None) -> list[Callable[[], str]]:
+    """The checks of the `vos:` section (`dataset`: None for vos.dataset.raw)."""
+    vos = params.vos
+    found = [_vos_model(vos.model.source)]
+    for split in dict.fromkeys((TRAIN_SPLIT, vos.evaluate.split)):
+        found.append(_vos_split(dataset or Path(vos.dataset.raw), split))
+    return found
+
+
 def run_checks(
-    params_file: str | Path | None, overrides: list[str], dataset: Path | None = None
+    params_file: str | Path | None, overrides: list[str], dataset: Path | None = None, vos: bool = False
 ) -> tuple[list[str], list[str]]:
     """(what passed, the problems): loading the params first (a params problem stops there: nothing else can be
     read without them), then every input check."""
@@ -101,7 +138,7 @@ def run_checks(
     except Sam3Error as err:
         return [], [str(err)]
     passed, problems = [f"params: {source}"], []
-    for check in checks_of(params, dataset):
+    for check in (vos_checks_of if vos else checks_of)(params, dataset):
         try:
             passed.append(check())
         except Sam3Error as err:
@@ -110,7 +147,7 @@ def run_checks(
 
 
 def run(args: argparse.Namespace) -> int:
-    passed, problems = run_checks(params_file_of(args), overrides_of(args), args.dataset)
+    passed, problems = run_checks(params_file_of(args), overrides_of(args), args.dataset, args.vos)
     for problem in problems:  # as the CLI prints one error: one line each, on stderr
         print(f"error: {problem}", file=sys.stderr)
     if problems:

@@ -43,6 +43,12 @@ STAGES = (
         "pipeline.aggregate",
         "suite tables: RF100-VL mean AP per domain, ODinW13 mean and spread over seeds",
     ),
+    ("vos-shapes-data", "pipeline.vos_shapes", "generate a VOS dataset of moving, occluding coloured shapes"),
+    ("vos-validate", "pipeline.vos_validate", "check a VOS dataset (DAVIS/MOSE layout): clean copy, quarantine"),
+    ("vos-preprocess", "pipeline.vos_preprocess", "resize a VOS dataset's frames and masks for the tracker"),
+    ("vos-train", "pipeline.vos_train", "fine-tune SAM 2.1's or SAM 3's video tracker (params.yaml's vos:)"),
+    ("vos-evaluate", "pipeline.vos_evaluate", "J&F of a fine-tuned tracker and its starting model; report, figures"),
+    ("vos-score", "pipeline.vos_score", "J, F and J&F of palette-PNG predictions against annotations (DAVIS 2017)"),
     (
         "dvc-yaml",
         "pipeline.dvc_yaml",

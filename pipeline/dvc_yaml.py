@@ -36,6 +36,12 @@ MODULES = {
     "train": "pipeline.train",
     "evaluate": "pipeline.evaluate",
     "aggregate": "pipeline.aggregate",
+    "vos_data": "pipeline.vos_shapes",
+    "vos_check": "pipeline.check",
+    "vos_validate": "pipeline.vos_validate",
+    "vos_preprocess": "pipeline.vos_preprocess",
+    "vos_train": "pipeline.vos_train",
+    "vos_evaluate": "pipeline.vos_evaluate",
 }
 READS = {
     # every section: check loads the whole file (and a misspelt key anywhere is its business)
@@ -61,6 +67,11 @@ READS = {
     "cache_features": ["model", "cache", "train.freeze"],
     "train": ["model", "train", "cache", "optim", "loss", "guard", "ddp", "launcher", "adapter"],
     "evaluate": ["model.mode", "model.image_size", "evaluate"],
+    "vos_check": ["vos"],  # the whole section, as check reads it all
+    "vos_validate": ["validate.max_pixels"],
+    "vos_preprocess": ["vos.preprocess"],
+    "vos_train": ["vos.model", "vos.clip", "vos.prompts", "vos.loss", "vos.optim", "vos.train"],
+    "vos_evaluate": ["vos.model", "vos.evaluate"],
 }
 
 
@@ -209,7 +220,89 @@ def root_document() -> tuple[str, dict[str, Stage]]:
     named_by = {name: ["dataset.name"] for name in COMMANDS if name != "check"}
     named_by["validate"] = ["dataset.raw", "dataset.name"]
     found = dataset_stages(stages.root_layout(), Variant(root_keys=named_by))
-    return ROOT_HEADER, {s.name: s for s in [demo, *found]}
+    vos_demo = Stage("vos_data", stages.vos_data(), [], ["data/raw/vos_shapes"])
+    vos_named_by = {name: ["vos.dataset.name"] for name in VOS_COMMANDS}
+    vos_named_by["vos_check"] = []  # it reads the whole vos section
+    vos_named_by["vos_validate"] = ["vos.dataset.raw", "vos.dataset.name"]
+    vos_found = vos_stages(stages.vos_root_layout(), vos_named_by)
+    return ROOT_HEADER, {s.name: s for s in [demo, *found, vos_demo, *vos_found]}
+
+
+VOS_COMMANDS = {
+    "vos_check": stages.vos_check,
+    "vos_validate": stages.vos_validate,
+    "vos_preprocess": stages.vos_preprocess,
+    "vos_train": stages.vos_train,
+    "vos_evaluate": stages.vos_evaluate,
+}
+
+
+def vos_stages(
+    layout: stages.VosLayout,
+    root_keys: dict[str, list[str]],
+    extra: dict[str, list[str]] | None = None,
+    suite_file: str | None = None,
+    suite_keys: dict[str, list[str]] | None = None,
+) -> list[Stage]:
+    """vos_check -> vos_validate -> vos_preprocess -> vos_train -> vos_evaluate over one VOS layout. `extra`:
+    arguments after the params (a suite's flags); `suite_keys`: the keys of the suite's params file each reads."""
+    extra, suite_keys = extra or {}, suite_keys or {}
+
+    def params(name: str) -> list[Any]:
+        listed: list[Any] = [*root_keys.get(name, []), *READS[name]]
+        return listed + ([{suite_file: suite_keys[name]}] if suite_file and name in suite_keys else [])
+
+    command = {name: build(layout, PARAMS_FILE, [], extra.get(name, [])) for name, build in VOS_COMMANDS.items()}
+    plots = f"{layout.results}/{stages.PLOTS_FOLDER}"
+    checked = f"{layout.reports}/{stages.VOS_CHECK_FILE}"
+    return [
+        Stage(
+            "vos_check", command["vos_check"], [layout.raw], [_uncached(checked)], params("vos_check"),
+            comment="reads only: a misspelt vos key, a missing tracker folder or dataset split stops the VOS stages "
+            "before any output is replaced",
+        ),
+        Stage(
+            "vos_validate", command["vos_validate"], [checked, layout.raw],
+            [layout.clean, _uncached(f"{layout.reports}/{stages.VALIDATE_REPORT}")], params("vos_validate"),
+            comment="VOS: bad videos (unreadable or missing frames, size mismatches, non-palette masks, empty) go to "
+            "the clean copy's _quarantine/ with their reasons",
+        ),
+        Stage(
+            "vos_preprocess", command["vos_preprocess"], [checked, layout.clean], [layout.preprocessed],
+            params("vos_preprocess"),
+        ),
+        Stage(
+            "vos_train", command["vos_train"], [checked, layout.preprocessed],
+            [layout.model, f"{layout.run}/params.yaml"],
+            params("vos_train"),
+            comment="as train: the checkpoints (runs/<name>/checkpoints) and logs are no outputs, so an interrupted "
+            "run resumes from the newest checkpoint",
+        ),
+        Stage(
+            "vos_evaluate", command["vos_evaluate"], [checked, layout.model, layout.preprocessed],
+            [
+                f"{layout.results}/predictions", f"{layout.results}/baseline_predictions",
+                _uncached(f"{layout.results}/metrics.json"), _uncached(f"{layout.results}/report.md"),
+            ],
+            params("vos_evaluate"),
+            metrics=[_uncached(layout.summary)],
+            plots=[_uncached(f"{plots}/per_video_jf.png"), _uncached(f"{plots}/strips")],
+        ),
+    ]  # fmt: skip
+
+
+SUITE_KEY = "mose"
+
+
+def mose_document() -> tuple[str, dict[str, Stage]]:
+    """suites/mose/dvc.yaml: the VOS stages over ${mose.root}, with the recipe's settings (${mose.flags})."""
+    layout = stages.vos_suite_layout(SUITE_KEY, f"${{{SUITE_KEY}.root}}")
+    flags = [f"${{{SUITE_KEY}.flags}}"]
+    extra = {"vos_check": flags, "vos_preprocess": flags, "vos_train": flags, "vos_evaluate": flags}
+    root, flags_key = f"{SUITE_KEY}.root", f"{SUITE_KEY}.flags"
+    suite_keys = {name: [flags_key] for name in extra} | {"vos_check": [root, flags_key], "vos_validate": [root]}
+    found = vos_stages(layout, {}, extra, f"suites/{SUITE_KEY}/{PARAMS_FILE}", suite_keys)
+    return MOSE_HEADER, {s.name: s for s in found}
 
 
 def suite_document(suite: str) -> tuple[str, dict[str, Stage]]:
@@ -297,6 +390,8 @@ def documents() -> dict[Path, str]:
     for suite in SUITES:
         header, found = suite_document(suite)
         files[Path("suites") / suite / "dvc.yaml"] = render(header, found, wdir="../..", vars_file="../../params.yaml")
+    header, found = mose_document()
+    files[Path("suites") / SUITE_KEY / "dvc.yaml"] = render(header, found, wdir="../..", vars_file="../../params.yaml")
     return files
 
 
@@ -331,6 +426,17 @@ The pipeline's stages over params.yaml's dataset: validate -> preprocess -> nega
 evaluate (demo_data builds the demo dataset). Every stage command takes its paths plus `--params params.yaml` and
 reads its own sections; `params` lists those sections, `deps` the data and every source file the stage imports
 (its import closure), so a change to a parameter, the data or the code re-runs exactly the stages it affects.
+"""
+
+MOSE_HEADER = """
+Generated by `python -m pipeline dvc-yaml` from pipeline/stages.py: edit that, not this file.
+MOSE (or any MOSE-layout VOS dataset) as DVC stages: vos_validate -> vos_preprocess -> vos_train -> vos_evaluate over
+${mose.root} (train/ and valid/, each JPEGImages/ + Annotations/), with SAM 2.1's MOSE recipe as `--set` items over
+the root params.yaml's vos: section (${mose.flags} in suites/mose/params.yaml: the model folder to start from, 1024 px,
+40 epochs). MOSE's own valid split has first-frame masks only (its scores come from the challenge server): point
+mose.root at a root whose valid/ holds held-out videos with every frame annotated.
+  dvc repro suites/mose/dvc.yaml
+Commands run at the repository root (wdir).
 """
 
 SUITE_HEADERS = {

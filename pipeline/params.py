@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.vos_params import VosParams, vos_problems
 from sam3.config import (
     DEFAULT_MAX_DETS,
     DEFAULT_PROMPT_CHUNK,
@@ -129,6 +130,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     cache: CacheConfig = field(default_factory=CacheConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    vos: VosParams = field(default_factory=VosParams)  # video object segmentation (pipeline.vos_params)
 
 
 def read_yaml(path: Path) -> Any:
@@ -219,6 +221,7 @@ def check_values(params: Params, source: str = "params") -> None:
 
         problem = cache_freeze_problem(train.freeze) or adapter_cache_problem(adapter)
         checks.append((problem is None, problem))
+    checks.extend((False, message) for message in vos_problems(params.vos))
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")
@@ -230,14 +233,17 @@ def to_dict(params: Params) -> dict[str, Any]:
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `section.key=value` (or `section.sub.key=value`, as in `vos.train.max_steps=50`) in `raw`."""
     key, sep, value = item.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if not sep or not 2 <= len(parts) <= 3 or not all(parts):
         raise ConfigError(f"override {item!r}: expected section.key=value, e.g. preprocess.size=512")
-    section = raw.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"override {item!r}: section {parts[0]!r} is not a mapping")
-    section[parts[1]] = yaml.safe_load(value) if value.strip() else None
+    mapping = raw
+    for depth, part in enumerate(parts[:-1]):
+        mapping = mapping.setdefault(part, {})
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])!r} is not a mapping")
+    mapping[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:

@@ -177,3 +177,97 @@ DEMO_IMAGES = 400  # training images of the demo's shapes (and 80 valid, 80 test
 def demo_data(out: str = "data/raw/demo") -> list[str]:
     """The demo dataset: generated shapes ("red circle", ...), where the tiny model learns in minutes on a CPU."""
     return [*PIPELINE, "shapes-data", "--out", out, "--n", str(DEMO_IMAGES), "--seed", "0"]
+
+
+# ---- video object segmentation (VOS): vos_data -> vos_validate -> vos_preprocess -> vos_train -> vos_evaluate ----
+
+VOS_SUMMARY_FILE = "vos_summary.json"
+VOS_CHECK_FILE = "vos_check.json"
+VOS_RESULTS = "vos"  # vos-evaluate's folder inside the dataset's reports folder
+VOS_DEMO_ARGS = ("--train-videos", "24", "--valid-videos", "8", "--frames", "16", "--size", "128", "--seed", "0")
+
+
+@dataclass(frozen=True)
+class VosLayout:
+    """Where one VOS dataset's stages read and write (paths relative to the repository root, or DVC templates)."""
+
+    raw: str  # MOSE-style root as given: train/ and valid/, each JPEGImages/ + Annotations/
+    clean: str  # vos-validate's clean copy (and _quarantine/)
+    preprocessed: str
+    run: str
+    reports: str  # validate.json's folder
+    results: str  # vos-evaluate's folder: metrics.json, report.md, predictions/, plots/
+    summary: str  # the headline numbers (DVC metrics)
+
+    @property
+    def model(self) -> str:
+        return f"{self.run}/{MODEL_FOLDER}"
+
+
+def vos_root_layout(name: str = "${vos.dataset.name}", raw: str = "${vos.dataset.raw}") -> VosLayout:
+    """The root pipeline's VOS layout (dvc.yaml over params.yaml's vos.dataset)."""
+    return VosLayout(
+        raw=raw,
+        clean=f"data/clean/{name}",
+        preprocessed=f"data/preprocessed/{name}",
+        run=f"runs/{name}",
+        reports=f"reports/{name}",
+        results=f"reports/{name}/{VOS_RESULTS}",
+        summary=f"reports/{VOS_SUMMARY_FILE}",
+    )
+
+
+def vos_suite_layout(suite: str, raw: str) -> VosLayout:
+    """A VOS suite's layout (suites/mose): data/suites/<suite>/{clean,preprocessed}, runs/<suite>, reports/<suite>."""
+    data = f"data/suites/{suite}"
+    return VosLayout(
+        raw=raw,
+        clean=f"{data}/clean",
+        preprocessed=f"{data}/preprocessed",
+        run=f"runs/{suite}",
+        reports=f"reports/{suite}",
+        results=f"reports/{suite}/{VOS_RESULTS}",
+        summary=f"reports/{suite}/{VOS_SUMMARY_FILE}",
+    )
+
+
+def vos_data(out: str = "data/raw/vos_shapes") -> list[str]:
+    """The generated VOS dataset: moving, occluding, deforming shapes, where the tiny tracker learns on a CPU."""
+    return [*PIPELINE, "vos-shapes-data", "--out", out, *VOS_DEMO_ARGS]
+
+
+def vos_check(layout: VosLayout, params_file: str, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+    """Reads the params' vos: section and the dataset only; fails before any VOS stage replaces an output."""
+    return [
+        *PIPELINE, "check", "--vos", "--dataset", layout.raw, "--out", f"{layout.reports}/{VOS_CHECK_FILE}",
+        *_params(params_file, list(sets)), *extra,
+    ]  # fmt: skip
+
+
+def vos_validate(layout: VosLayout, params_file: str, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+    return [
+        *PIPELINE, "vos-validate", "--in", layout.raw, "--out", layout.clean,
+        "--report", f"{layout.reports}/{VALIDATE_REPORT}", *_params(params_file, list(sets)), *extra,
+    ]  # fmt: skip
+
+
+def vos_preprocess(layout: VosLayout, params_file: str, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+    return [
+        *PIPELINE, "vos-preprocess", "--in", layout.clean, "--out", layout.preprocessed,
+        *_params(params_file, list(sets)), *extra,
+    ]  # fmt: skip
+
+
+def vos_train(layout: VosLayout, params_file: str, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+    return [
+        *PIPELINE, "vos-train", "--run-dir", layout.run, "--dataset", layout.preprocessed,
+        *_params(params_file, list(sets)), *extra,
+    ]  # fmt: skip
+
+
+def vos_evaluate(layout: VosLayout, params_file: str, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+    return [
+        *PIPELINE, "vos-evaluate", "--model", layout.model, "--dataset", layout.preprocessed,
+        "--out", layout.results, "--summary", layout.summary, "--train-stats", f"{layout.run}/{TRAIN_STATS_FILE}",
+        *_params(params_file, list(sets)), *extra,
+    ]  # fmt: skip

@@ -49,8 +49,14 @@ def build_job(
         adapter=params.adapter,
         retain_phrases=retain_phrases(dataset, train_annotations) if params.train.retain else [],
         feature_cache_dir=feature_cache,
-        params={**to_dict(params), "code": {"sha256": code_fingerprint("pipeline.train")}},
+        params={**image_params(params), "code": {"sha256": code_fingerprint("pipeline.train")}},
     )
+
+
+def image_params(params: Params) -> dict:
+    """The resolved params of an image run: every section but `vos:` (video training's, which an image run never
+    reads: a change there must not restart an image run nor show in its model card)."""
+    return {section: values for section, values in to_dict(params).items() if section != "vos"}
 
 
 def retain_phrases(dataset: str, train_annotations: str = ANNOTATIONS_FILE) -> list[str]:
@@ -67,4 +73,4 @@ def retain_phrases(dataset: str, train_annotations: str = ANNOTATIONS_FILE) -> l
 
 
 def write_resolved_params(params: Params, run_dir: Path) -> None:
-    write_text(Path(run_dir) / "params.yaml", yaml.safe_dump(to_dict(params), sort_keys=False))
+    write_text(Path(run_dir) / "params.yaml", yaml.safe_dump(image_params(params), sort_keys=False))

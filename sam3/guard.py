@@ -104,6 +104,12 @@ class DivergenceGuard:
             )
         return self.lr_multiplier
 
+    def rewind(self, state: dict[str, Any]) -> None:
+        """After a rollback: the window of the checkpoint rolled back to (`state`, its `state_dict()`), so the
+        restored weights' losses are judged against the losses they had, not the newer ones of the steps undone (an
+        early checkpoint's losses are far above those: they would read as spikes). The rollback count is kept."""
+        self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.window)
+
     def state_dict(self) -> dict[str, Any]:
         """Plain values only, so it can ride in a weights_only checkpoint."""
         return {"history": list(self.history), "rollbacks": self.rollbacks, "last_reason": self.last_reason}

@@ -98,3 +98,50 @@ def run_dvc_path(repo: Path, metric: str) -> PathResult:
     if not rows:
         notes.append(f"no DVC metrics file holds {metric} (is the evaluate stage in dvc.yaml?)")
     return PathResult(rows, notes, model_md5=md5)
+
+
+VOS_METRIC = "J&F"  # the VOS deployments' headline metric (vos-evaluate's summary)
+
+
+def run_vos_dvc_path(repo: Path, dvc_file: str, metric: str = VOS_METRIC) -> PathResult:
+    """`dvc repro <dvc_file>:<stage>` for the VOS stages (vos_validate -> vos_evaluate) of `dvc_file` (dvc.yaml:
+    params.yaml's vos.dataset; suites/mose/dvc.yaml: the MOSE suite), then `metric` from the summary that file's
+    vos_evaluate declares as its DVC metric."""
+    logger = get_run_logger()
+    target = "" if dvc_file == "dvc.yaml" else f"{dvc_file}:"
+    document = yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8")) or {}
+    present = set(document.get("stages", {}))
+    notes, ran = [], []
+    for stage, stage_task in zip(tasks.VOS_STAGES, tasks.VOS_STAGE_TASKS, strict=True):
+        if stage not in present:
+            notes.append(f"stage {stage} skipped: not in {dvc_file}")
+            continue
+        stage_task(dvc_command("repro", f"{target}{stage}"), str(repo), label=f"{dvc_file} via dvc")
+        ran.append(f"{target}{stage}")
+    status = json.loads(dvc_output(repo, "status", "--json", *ran) or "{}") if ran else {}
+    if status:
+        logger.warning("dvc status is not clean after the run: %s", status)
+        notes.append(f"dvc status NOT clean: {json.dumps(status, sort_keys=True)}")
+    else:
+        notes.append(f"dvc status clean for {', '.join(ran) or 'no stage'}")
+    evaluate = document.get("stages", {}).get("vos_evaluate", {})
+    summaries = [next(iter(item)) if isinstance(item, dict) else item for item in evaluate.get("metrics", [])]
+    train_outs = document.get("stages", {}).get("vos_train", {}).get("outs", [])
+    model = next((out for out in train_outs if isinstance(out, str) and Path(out).name == MODEL_FOLDER), None)
+    rows = [
+        MetricRow(_vos_dataset_name(repo, dvc_file), 0, read_metric_value(repo / path, metric), path, model)
+        for path in summaries
+        if "${" not in path
+    ]
+    if not rows:
+        notes.append(f"{dvc_file} declares no vos_evaluate summary with {metric}")
+    return PathResult(rows, notes)
+
+
+def _vos_dataset_name(repo: Path, dvc_file: str) -> str:
+    """The name the table gives the run: params.yaml's vos.dataset.name, or the suite's name."""
+    if dvc_file == "dvc.yaml":
+        from pipeline.params import load_params
+
+        return load_params(repo / PARAMS_FILE).vos.dataset.name
+    return Path(dvc_file).parent.name

@@ -1,10 +1,12 @@
-"""The `finetune` flow and its four deployments.
+"""The `finetune` flow and its six deployments.
 
 Two paths through the same stages (docs/ARCHITECTURE.md), chosen by the flow's parameters:
 - DVC path (no `datasets`, no `dataset_root`; deployments `demo` and `retrain`): `dvc repro <stage>` per stage
   (`pipeline.flows.dvc_path`); parameters come from params.yaml alone.
 - Suite path (`datasets` or `dataset_root`; deployments `rf100` and `odinw13`): the stage commands per dataset and
   seed with `--params`/`--set` (`pipeline.flows.suite_path`), writing where the DVC suites write.
+- VOS DVC path (`vos_dvc_file`; deployments `vos` and `mose`): `dvc repro <file>:<stage>` for the video stages
+  (vos_validate -> vos_preprocess -> vos_train -> vos_evaluate) of dvc.yaml or suites/mose/dvc.yaml.
 Then a metrics table and a Markdown summary as artifacts (`pipeline.flows.report`), and with `promote=True`
 (deployment `retrain`) champion promotion (`pipeline.flows.registry`).
 """
@@ -21,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.aggregate import DEFAULT_METRIC
 from pipeline.flows import dvc_path, suite_path
-from pipeline.flows.dvc_path import PARAMS_FILE
+from pipeline.flows.dvc_path import PARAMS_FILE, VOS_METRIC
 from pipeline.flows.registry import promote_champion
 from pipeline.flows.report import FLOW_NAME, report
 from pipeline.flows.tasks import ensure_train_limit
@@ -46,6 +48,7 @@ def finetune(
     metric: str = DEFAULT_METRIC,
     promote: bool = False,
     repo: str | None = None,
+    vos_dvc_file: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and evaluate, through DVC (no datasets given) or over a suite of dataset folders.
 
@@ -56,12 +59,24 @@ def finetune(
     metric: key of metrics.json for the table and the promotion rule (higher is better).
     promote: judge the run against models/registry.json's champion (needs exactly one run).
     repo: the repository (default: the current directory); relative paths are relative to it.
+    vos_dvc_file: video object segmentation instead: the VOS stages of this dvc.yaml through DVC ("dvc.yaml":
+        params.yaml's vos.dataset; "suites/mose/dvc.yaml": the MOSE suite), judged on `metric` (J&F).
     Returns {"rows": [...], "notes": [...], "promotion": reason or None}.
     """
     root = Path(repo).resolve() if repo else Path.cwd()
     logger = get_run_logger()
     ensure_train_limit()
-    if datasets is None and dataset_root is None:
+    if vos_dvc_file is not None:
+        if datasets is not None or dataset_root is not None or seeds or overrides or params_file != PARAMS_FILE:
+            raise ConfigError(
+                f"vos_dvc_file runs the VOS stages of {vos_dvc_file} through DVC, which read params.yaml (and the "
+                "suite's params file): set the dataset, seed and other values there, not as flow parameters"
+            )
+        if not (root / vos_dvc_file).is_file():
+            raise ConfigError(f"{root / vos_dvc_file}: no such dvc.yaml; run from the repository root or pass repo")
+        logger.info("VOS DVC path in %s over %s", root, vos_dvc_file)
+        result = dvc_path.run_vos_dvc_path(root, vos_dvc_file, metric)
+    elif datasets is None and dataset_root is None:
         if seeds or overrides or params_file != PARAMS_FILE:
             raise ConfigError(
                 f"seeds, overrides and params_file apply to suites (datasets or dataset_root); the DVC path reads "
@@ -110,7 +125,8 @@ ODINW13_OVERRIDES = list(ODINW13_RECIPE)
 
 
 def deployments() -> list[RunnerDeployment]:
-    """finetune/demo, finetune/rf100, finetune/odinw13 and finetune/retrain (cron RETRAIN_CRON, RETRAIN_TIMEZONE)."""
+    """finetune/demo, finetune/rf100, finetune/odinw13, finetune/vos, finetune/mose and finetune/retrain (cron
+    RETRAIN_CRON, RETRAIN_TIMEZONE)."""
     from prefect.deployments.runner import EntrypointType
 
     # MODULE_PATH: a flow run finds the flow by import, whatever its working directory. paused=False: serving
@@ -140,6 +156,18 @@ def deployments() -> list[RunnerDeployment]:
                 "seeds": list(ODINW13_SEEDS),
                 "overrides": ODINW13_OVERRIDES,
             },
+            **common,
+        ),
+        finetune.to_deployment(
+            "vos",
+            description="video object segmentation: the VOS stages of dvc.yaml over params.yaml's vos.dataset",
+            parameters={"suite": "vos", "vos_dvc_file": "dvc.yaml", "metric": VOS_METRIC},
+            **common,
+        ),
+        finetune.to_deployment(
+            "mose",
+            description="MOSE: the VOS stages of suites/mose/dvc.yaml (SAM 2.1's MOSE recipe) over mose.root",
+            parameters={"suite": "mose", "vos_dvc_file": "suites/mose/dvc.yaml", "metric": VOS_METRIC},
             **common,
         ),
         finetune.to_deployment(

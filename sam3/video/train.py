@@ -298,11 +298,11 @@ def run_params(job: VosJob) -> dict[str, Any]:
 
 def changed_params(stored: dict, current: dict) -> list[str]:
     """The run-defining values that differ, as 'key: old -> new' (dotted keys; the loop fields of RESUME_IGNORED
-    left out, in the job and in the params as given)."""
+    left out, in the job (`loop.*`) and in the params as given (params.yaml's `vos.train.*`))."""
     old, new = _flatten(stored), _flatten(current)
     changes = []
     for key in sorted(set(old) | set(new)):
-        if any(key.endswith(f"loop.{name}") for name in RESUME_IGNORED):
+        if any(key.endswith((f"loop.{name}", f"vos.train.{name}")) for name in RESUME_IGNORED):
             continue
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
@@ -491,6 +491,7 @@ class VosFit:
         logger.warning("step %d: %s; rolling back to %s, lr x %.3g", step, reason, back.name, multiplier)
         self.logs.event({"step": step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
         state = self.checkpoints.load(back)  # the guard's own state (its rollback count) is kept
+        self.parts.guard.rewind(state.guard)  # but its window of losses is the checkpoint's
         self.progress.back_to(state.step)
         return state
 

@@ -96,12 +96,34 @@ def test_train_dry_run_checks_the_model_source(dataset, tmp_path, capsys):
 
 
 def test_every_dataset_stage_waits_for_check():
+    # the image stages wait for check, the video (vos_*) stages for vos_check
     for path, text in documents().items():
         stages = yaml.safe_load(text)["stages"]
-        checked = [s for s in stages if s.startswith("check")]
-        assert len(checked) == 1, path
-        out = next(iter(stages[checked[0]]["outs"][0]))
-        for name, stage in stages.items():
-            if name in ("demo_data", "aggregate") or name == checked[0]:
+        for prefix in ("", "vos_"):
+            family = {name: stage for name, stage in stages.items() if name.startswith("vos_") == (prefix == "vos_")}
+            checked = [s for s in family if s.startswith(f"{prefix}check")]
+            assert len(checked) == (1 if family.keys() - {"demo_data", "aggregate", "vos_data"} else 0), path
+            if not checked:
                 continue
-            assert out in stage["deps"], f"{path}: stage {name} does not depend on {out}"
+            out = next(iter(family[checked[0]]["outs"][0]))
+            for name, stage in family.items():
+                if name in ("demo_data", "aggregate", "vos_data") or name == checked[0]:
+                    continue
+                assert out in stage["deps"], f"{path}: stage {name} does not depend on {out}"
+
+
+def test_vos_check_names_a_missing_tracker_and_split_and_writes_nothing(tmp_path, capsys):
+    from pipeline.vos_shapes import build_vos_shapes
+
+    out = tmp_path / "vos_check.json"
+    argv = ["check", "--vos", "--dataset", str(tmp_path / "none"), "--out", str(out)]
+    assert main([*argv, "--set", f"vos.model.source={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"vos.model.source: model folder {tmp_path / 'nowhere'} does not exist" in err
+    assert f"{tmp_path / 'none' / 'train' / 'JPEGImages'} not found" in err
+    assert "3 problem(s)" in err and not out.exists()  # the tracker, the train and the valid split
+    build_vos_shapes(tmp_path / "vos", train_videos=1, valid_videos=1, frames=3, size=32, seed=0)
+    argv[3] = str(tmp_path / "vos")
+    assert main([*argv, "--set", "vos.model.source=tiny-sam3"]) == 0
+    checked = json.loads(out.read_text())["checked"]
+    assert checked[1:] == ["vos.model.source: tiny-sam3", "vos dataset: train split", "vos dataset: valid split"]

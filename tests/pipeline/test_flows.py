@@ -345,9 +345,12 @@ def test_io_stages_retry_transient_failures_but_not_user_errors(tmp_path: Path) 
 # --- deployments ----------------------------------------------------------------------------------------------------
 
 
-def test_deployments_are_the_four_with_a_timezoned_cron_on_retrain() -> None:
+def test_deployments_are_the_six_with_a_timezoned_cron_on_retrain() -> None:
     deployments = {d.name: d for d in flows_flow.deployments()}
-    assert list(deployments) == ["demo", "rf100", "odinw13", "retrain"]
+    assert list(deployments) == ["demo", "rf100", "odinw13", "vos", "mose", "retrain"]
+    # the video deployments run the VOS stages of a dvc.yaml through DVC, judged on J&F
+    assert deployments["mose"].parameters == {"suite": "mose", "vos_dvc_file": "suites/mose/dvc.yaml", "metric": "J&F"}
+    assert deployments["vos"].parameters == {"suite": "vos", "vos_dvc_file": "dvc.yaml", "metric": "J&F"}
     assert {d.flow_name for d in deployments.values()} == {"finetune"}
     retrain = deployments["retrain"]
     assert [(s.schedule.cron, s.schedule.timezone) for s in retrain.schedules] == [("0 3 * * 1", "Europe/Paris")]

@@ -154,3 +154,16 @@ def test_smaller_window_on_load_keeps_the_newest_losses():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         DivergenceGuard(GuardConfig(**kwargs))
+
+
+def test_rewind_takes_the_checkpoints_window_and_keeps_the_rollback_count():
+    guard = DivergenceGuard(GuardConfig(spike_factor=10.0, window=5, min_history=2, lr_factor=0.5, max_rollbacks=2))
+    at_checkpoint = guard.state_dict()  # step 0: no loss seen yet
+    for loss in (100.0, 50.0, 10.0, 5.0, 4.0):
+        assert guard.check(loss) is None
+    assert guard.check(200.0) is not None  # 50x the median 10
+    guard.register_rollback()
+    guard.rewind(at_checkpoint)
+    # the restored step-0 weights' loss (100) is no spike against the checkpoint's (empty) window
+    assert list(guard.history) == [] and guard.check(100.0) is None
+    assert guard.rollbacks == 1 and guard.lr_multiplier == 0.5
