@@ -35,15 +35,25 @@ TINY = {
         "val_every_epochs": 0,
     },  # fmt: skip
     "launcher": {"kind": "local", "nodes": 1, "gpus_per_node": 1},
+    # the video stages: 2 steps of the tiny tracker on 3-frame clips, one strip
+    "vos": {"train": {"max_steps": 2, "log_every": 1}, "clip": {"num_frames": 3}, "evaluate": {"strips": 1}},
 }
 
 
 def tiny_params(source: Path = REPO / "params.yaml") -> dict:
     """params.yaml with the TINY values set (every other key as it is)."""
     params = yaml.safe_load(source.read_text(encoding="utf-8"))
-    for section, values in TINY.items():
-        params.setdefault(section, {}).update(values)
+    _merge(params, TINY)
     return params
+
+
+def _merge(target: dict, values: dict) -> None:
+    """Set `values` in `target`, nested mappings key by key (the other keys of a section stay)."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _merge(target.setdefault(key, {}), value)
+        else:
+            target[key] = value
 
 
 def write_params(path: Path) -> Path:

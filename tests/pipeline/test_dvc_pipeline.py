@@ -27,6 +27,8 @@ UP_TO_DATE = "Data and pipelines are up to date."
 TRAIN_AND_AFTER = ["train", "evaluate"]
 METRICS_FILE = "reports/demo/metrics.json"  # every detail of the evaluation
 SUMMARY_FILE = "reports/summary.json"  # the run's headline metrics: what DVC shows and diffs
+VOS_SUMMARY = "reports/vos_summary.json"  # the video run's
+VOS_REPORT = "reports/vos_shapes/vos/report.md"
 
 
 def run(repo: Path, *command: str) -> str:
@@ -69,10 +71,11 @@ def out_hash(lock: dict, stage: str, path: str) -> str:
     return next(out["md5"] for out in lock[stage]["outs"] if out["path"] == path)
 
 
-def metrics_table(output: str) -> dict[str, str]:
-    """`dvc metrics show` (one metrics file) as {column: value}. Columns are 2+ spaces apart; single spaces occur
-    inside names such as `bbox_AP_per_category.burts bees baby wipes`."""
-    header, row = [re.split(r"\s{2,}", line.strip()) for line in output.strip().splitlines()[:2]]
+def metrics_table(output: str, path: str) -> dict[str, str]:
+    """The row of metrics file `path` in `dvc metrics show` as {column: value} ("-" where the file has no such
+    column). Columns are 2+ spaces apart; single spaces occur inside names such as `bbox_AP_per_category.x y`."""
+    header, *rows = [re.split(r"\s{2,}", line.strip()) for line in output.strip().splitlines()]
+    row = next(row for row in rows if row[0] == path)
     assert len(header) == len(row), f"header and row do not line up:\n{output}"
     return dict(zip(header, row, strict=True))
 
@@ -92,7 +95,8 @@ def test_dvc_repro_runs_each_stage_once_and_reruns_only_what_a_param_change_affe
     git_commit(repo, "pipeline code and tiny params")
     stages = list(yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
     assert stages == [
-        "demo_data", "check", "validate", "preprocess", "negatives", "cache_features", "train", "evaluate"
+        "demo_data", "check", "validate", "preprocess", "negatives", "cache_features", "train", "evaluate",
+        "vos_data", "vos_check", "vos_validate", "vos_preprocess", "vos_train", "vos_evaluate",
     ]  # fmt: skip
 
     # (1) A fresh repository: every stage runs, once, in dependency order (a chain here), and leaves its outs.
@@ -109,6 +113,8 @@ def test_dvc_repro_runs_each_stage_once_and_reruns_only_what_a_param_change_affe
         assert (repo / out).exists(), f"{out} missing after `dvc repro`:\n{first}"
     steps = [json.loads(line)["step"] for line in (repo / "runs/demo/train_stats.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # train.max_steps 2
+    for out in ("runs/vos_shapes/model", VOS_REPORT, VOS_SUMMARY, "reports/vos_shapes/vos/plots/per_video_jf.png"):
+        assert (repo / out).exists(), f"{out} missing after `dvc repro`:\n{first}"
     git_commit(repo, "first repro")
     lock_before = locked_stages(repo)
     checked = (repo / "reports/demo/check.json").read_bytes()
@@ -141,12 +147,24 @@ def test_dvc_repro_runs_each_stage_once_and_reruns_only_what_a_param_change_affe
     # (4) `dvc metrics show` prints the run's summary (rounded to DVC's default 5 digits): the evaluation's bbox_AP
     # and the training's steps; `dvc metrics diff` compares it with the last commit's run.
     bbox_ap = json.loads((repo / METRICS_FILE).read_text(encoding="utf-8"))["bbox_AP"]
-    table = metrics_table(dvc(repo, "metrics", "show"))
-    assert table["Path"] == SUMMARY_FILE
+    shown = dvc(repo, "metrics", "show")
+    table = metrics_table(shown, SUMMARY_FILE)
     assert float(table["bbox_AP"]) == pytest.approx(bbox_ap, abs=5e-6)
     assert table["steps"] == "3"
     diff = dvc(repo, "metrics", "diff", "--json")
     assert json.loads(diff)[SUMMARY_FILE]["steps"] == {"old": 2, "new": 3, "diff": 1}
+
+    # the video run's summary beside it: J&F of the fine-tuned tracker (and the starting one's)
+    vos_jf = json.loads((repo / VOS_SUMMARY).read_text(encoding="utf-8"))["J&F"]
+    assert float(metrics_table(shown, VOS_SUMMARY)["J&F"]) == pytest.approx(vos_jf, abs=5e-6)
+
+    # (5) A vos.train change re-runs the video stages it feeds only; the run goes on from its checkpoint.
+    params["vos"]["train"]["max_steps"] = 3
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    fifth = dvc(repo, "repro")
+    assert stages_run(fifth) == ["vos_check", "vos_train", "vos_evaluate"], fifth
+    steps = [json.loads(line)["step"] for line in (repo / "runs/vos_shapes/train_stats.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
     # Left clean: every stage's deps, params and outs match dvc.lock.
     assert json.loads(dvc(repo, "status", "--json")) == {}

@@ -1,7 +1,7 @@
 """`make prefect-up` / `make prefect-down` for real, in a throw-away copy of the repository (tiny params): a Prefect
 server on 127.0.0.1 (a free port), `python -m pipeline.serve`, `prefect deployment run finetune/demo --watch` to
-completion with the DVC state left clean, the retrain schedule, a retrain run that promotes its model, and no
-process left behind afterwards."""
+completion with the DVC state left clean, `finetune/mose` on a generated MOSE-layout dataset (its DVC state clean
+too), the retrain schedule, a retrain run that promotes its model, and no process left behind afterwards."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.flows import dvc_path, registry, tasks
+from pipeline.vos_shapes import build_vos_shapes
 from tests.pipeline.prefect_repo import copy_repo
 
 VENV = Path(sys.executable).parent.parent
@@ -73,6 +75,10 @@ def test_prefect_up_serves_the_deployments_and_down_leaves_nothing(tmp_path: Pat
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     repo = copy_repo(tmp_path / "repo")
+    # finetune/mose on a generated dataset in MOSE layout, with the suite's recipe flags cut to 2 tiny steps
+    build_vos_shapes(repo / "data/raw/mose", train_videos=2, valid_videos=2, frames=4, size=64, seed=0)
+    mose = {"mose": {"root": "data/raw/mose", "flags": {"set": ["vos.train.max_steps=2", "vos.preprocess.size=64"]}}}
+    (repo / "suites/mose/params.yaml").write_text(yaml.safe_dump(mose), encoding="utf-8")
     port = free_port()
     state = repo / ".prefect"
     up = make(repo, "prefect-up", port)
@@ -88,6 +94,14 @@ def test_prefect_up_serves_the_deployments_and_down_leaves_nothing(tmp_path: Pat
         stages = [s for s in tasks.DVC_STAGES if s in dvc_path.dvc_stage_names(repo)]
         assert json.loads(dvc_path.dvc_output(repo, "status", "--json", *stages)) == {}  # as `dvc repro` leaves it
         bbox_ap = json.loads((repo / "reports/demo/metrics.json").read_text())["bbox_AP"]
+
+        video = prefect(repo, api, "deployment", "run", "finetune/mose", "--watch")
+        assert video.returncode == 0 and "Completed" in video.stdout, video.stdout + video.stderr
+        mose_stages = [f"suites/mose/dvc.yaml:{stage}" for stage in tasks.VOS_STAGES]
+        assert json.loads(dvc_path.dvc_output(repo, "status", "--json", *mose_stages)) == {}
+        summary = json.loads((repo / "reports/mose/vos_summary.json").read_text())
+        assert summary["steps"] == 2 and 0 <= summary["J&F"] <= 1
+        assert (repo / "runs/mose/model/config.json").is_file()
 
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             retrain = client.read_deployment_by_name("finetune/retrain")
