@@ -12,11 +12,14 @@ install: $(STAMP)
 
 # Reinstall when the dependency list changes. torch/torchvision come unpinned from the registry.
 # stardist goes in with --no-deps: we only read the nuclei TIFF it ships (demo data), not its TensorFlow code.
+# labelme's source distribution is only downloaded (not installed): vos-demo-data reads the short annotated video
+# its examples ship (the real tiny VOS dataset).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps stardist
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: labelme==6.3.1 -d $(VENV)/sdists
 	touch $(STAMP)
 
 # The whole DVC pipeline on the demo dataset (generated shapes: prompts such as "red circle"), then overlays of the

@@ -44,6 +44,7 @@ STAGES = (
         "suite tables: RF100-VL mean AP per domain, ODinW13 mean and spread over seeds",
     ),
     ("vos-shapes-data", "pipeline.vos_shapes", "generate a VOS dataset of moving, occluding coloured shapes"),
+    ("vos-demo-data", "pipeline.vos_demo_data", "a real 5-frame VOS video from the labelme source distribution"),
     ("vos-validate", "pipeline.vos_validate", "check a VOS dataset (DAVIS/MOSE layout): clean copy, quarantine"),
     ("vos-preprocess", "pipeline.vos_preprocess", "resize a VOS dataset's frames and masks for the tracker"),
     ("vos-train", "pipeline.vos_train", "fine-tune SAM 2.1's or SAM 3's video tracker (params.yaml's vos:)"),
