@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 # The whole DVC pipeline on the demo dataset (generated shapes: prompts such as "red circle"), then overlays of the
 # fine-tuned model on three test images. The demo model is the tiny architecture trained from scratch on the CPU for
 # 500 steps (about 3 minutes): its report shows real learning over the random model; bring facebook/sam3 weights for
-# real accuracy (see README).
+# real accuracy (see README). The same `dvc repro` runs the video stages: the tiny SAM 2.1 tracker trained from scratch
+# on generated shapes videos (about a minute and a half more).
 DEMO_IMAGES := $(addprefix data/raw/demo/test/,000000.png 000001.png 000002.png)
 DEMO_PROMPTS := $(foreach colour,red green blue,$(foreach shape,circle square triangle,--prompt "$(colour) $(shape)"))
 demo: $(STAMP)
@@ -37,7 +38,8 @@ demo: $(STAMP)
 	  echo "  metrics              reports/summary.json (dvc metrics show; every detail: reports/demo/metrics.json)"; \
 	  echo "  fine-tuned model     runs/demo/model (self-contained transformers folder; checkpoints in runs/demo/checkpoints)"; \
 	  echo "  prediction overlays  reports/demo/overlays/*_overlay.png"; \
-	  echo "  validation report    reports/demo/validate.json (quarantine: data/clean/demo/_quarantine)"
+	  echo "  validation report    reports/demo/validate.json (quarantine: data/clean/demo/_quarantine)"; \
+	  echo "  video (VOS) demo     reports/vos_shapes/vos/report.md (J&F before/after; figures in its plots/), runs/vos_shapes/model"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

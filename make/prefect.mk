@@ -1,5 +1,5 @@
 # Local Prefect: `make prefect-up` starts a server on 127.0.0.1:$(PREFECT_PORT) (SQLite under .prefect/) and
-# `python -m pipeline.serve` (deployments finetune/demo, rf100, odinw13, retrain), writing .prefect/*.pid and
+# `python -m pipeline.serve` (deployments finetune/demo, rf100, odinw13, vos, mose, retrain), writing .prefect/*.pid and
 # .prefect/env; `make prefect-down` stops exactly those processes and all they started. Included by the Makefile.
 PREFECT_PORT ?= 4200
 

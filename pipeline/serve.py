@@ -1,4 +1,4 @@
-"""`python -m pipeline.serve`: serve the four `finetune` deployments (demo, rf100, odinw13, retrain) until stopped.
+"""`python -m pipeline.serve`: serve the six `finetune` deployments (demo, rf100, odinw13, vos, mose, retrain).
 
 Needs a Prefect API: PREFECT_API_URL (`make prefect-up` starts a local server and this process, and writes
 .prefect/env to source). Flow runs start as child processes of this one, in its working directory: start it from
