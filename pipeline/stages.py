@@ -217,17 +217,18 @@ def vos_root_layout(name: str = "${vos.dataset.name}", raw: str = "${vos.dataset
     )
 
 
-def vos_suite_layout(suite: str, raw: str) -> VosLayout:
-    """A VOS suite's layout (suites/mose): data/suites/<suite>/{clean,preprocessed}, runs/<suite>, reports/<suite>."""
-    data = f"data/suites/{suite}"
+def vos_suite_layout(suite: str, name: str, raw: str) -> VosLayout:
+    """A VOS suite dataset's layout (suites/mose): data/suites/<suite>/<name>/{clean,preprocessed},
+    runs/<suite>/<name>, reports/<suite>/<name>/{validate.json,vos/,vos_summary.json}."""
+    data = f"data/suites/{suite}/{name}"
     return VosLayout(
         raw=raw,
         clean=f"{data}/clean",
         preprocessed=f"{data}/preprocessed",
-        run=f"runs/{suite}",
-        reports=f"reports/{suite}",
-        results=f"reports/{suite}/{VOS_RESULTS}",
-        summary=f"reports/{suite}/{VOS_SUMMARY_FILE}",
+        run=f"runs/{suite}/{name}",
+        reports=f"reports/{suite}/{name}",
+        results=f"reports/{suite}/{name}/{VOS_RESULTS}",
+        summary=f"reports/{suite}/{name}/{VOS_SUMMARY_FILE}",
     )
 
 

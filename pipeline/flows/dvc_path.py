@@ -104,9 +104,9 @@ VOS_METRIC = "J&F"  # the VOS deployments' headline metric (vos-evaluate's summa
 
 
 def run_vos_dvc_path(repo: Path, dvc_file: str, metric: str = VOS_METRIC) -> PathResult:
-    """`dvc repro <dvc_file>:<stage>` for the VOS stages (vos_validate -> vos_evaluate) of `dvc_file` (dvc.yaml:
-    params.yaml's vos.dataset; suites/mose/dvc.yaml: the MOSE suite), then `metric` from the summary that file's
-    vos_evaluate declares as its DVC metric."""
+    """`dvc repro <dvc_file>:<stage>` for the VOS stages (vos_check -> vos_evaluate) of `dvc_file` (dvc.yaml:
+    params.yaml's vos.dataset; suites/mose/dvc.yaml: every dataset of the MOSE suite's matrix), then `metric` from
+    each run's vos_summary.json."""
     logger = get_run_logger()
     target = "" if dvc_file == "dvc.yaml" else f"{dvc_file}:"
     document = yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8")) or {}
@@ -124,24 +124,26 @@ def run_vos_dvc_path(repo: Path, dvc_file: str, metric: str = VOS_METRIC) -> Pat
         notes.append(f"dvc status NOT clean: {json.dumps(status, sort_keys=True)}")
     else:
         notes.append(f"dvc status clean for {', '.join(ran) or 'no stage'}")
-    evaluate = document.get("stages", {}).get("vos_evaluate", {})
-    summaries = [next(iter(item)) if isinstance(item, dict) else item for item in evaluate.get("metrics", [])]
-    train_outs = document.get("stages", {}).get("vos_train", {}).get("outs", [])
-    model = next((out for out in train_outs if isinstance(out, str) and Path(out).name == MODEL_FOLDER), None)
-    rows = [
-        MetricRow(_vos_dataset_name(repo, dvc_file), 0, read_metric_value(repo / path, metric), path, model)
-        for path in summaries
-        if "${" not in path
-    ]
+    rows = [MetricRow(name, 0, read_metric_value(repo / path, metric), path, model) for name, path, model in
+            _vos_runs(repo, dvc_file)]  # fmt: skip
     if not rows:
-        notes.append(f"{dvc_file} declares no vos_evaluate summary with {metric}")
+        notes.append(f"no vos_summary.json of {dvc_file} holds {metric} (did vos_evaluate run?)")
     return PathResult(rows, notes)
 
 
-def _vos_dataset_name(repo: Path, dvc_file: str) -> str:
-    """The name the table gives the run: params.yaml's vos.dataset.name, or the suite's name."""
+def _vos_runs(repo: Path, dvc_file: str) -> list[tuple[str, str, str]]:
+    """(dataset name, summary file, model folder) of each VOS run `dvc_file` declares: the root pipeline's one run
+    (params.yaml's vos.dataset), or one per dataset of a suite (reports/<suite>/<dataset>/vos_summary.json)."""
+    from pipeline.stages import VOS_SUMMARY_FILE
+
     if dvc_file == "dvc.yaml":
         from pipeline.params import load_params
 
-        return load_params(repo / PARAMS_FILE).vos.dataset.name
-    return Path(dvc_file).parent.name
+        name = load_params(repo / PARAMS_FILE).vos.dataset.name
+        return [(name, f"reports/{VOS_SUMMARY_FILE}", f"runs/{name}/{MODEL_FOLDER}")]
+    suite = Path(dvc_file).parent.name
+    found = sorted((repo / "reports" / suite).glob(f"*/{VOS_SUMMARY_FILE}"))
+    return [
+        (path.parent.name, path.relative_to(repo).as_posix(), f"runs/{suite}/{path.parent.name}/{MODEL_FOLDER}")
+        for path in found
+    ]

@@ -81,8 +81,8 @@ def aggregate(command: list[str], cwd: str, label: str) -> None:
 # in DVC_STAGES order
 DVC_STAGE_TASKS = (check, validate, preprocess, negatives, cache_features, train, evaluate, aggregate)
 # the VOS stages (pipeline.flows.dvc_path.run_vos_dvc_path) and the tasks that run them, in order
-VOS_STAGES = ("vos_validate", "vos_preprocess", "vos_train", "vos_evaluate")
-VOS_STAGE_TASKS = (validate, preprocess, train, evaluate)
+VOS_STAGES = ("vos_check", "vos_validate", "vos_preprocess", "vos_train", "vos_evaluate")
+VOS_STAGE_TASKS = (check, validate, preprocess, train, evaluate)
 
 
 def ensure_train_limit() -> None:

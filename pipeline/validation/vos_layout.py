@@ -5,7 +5,9 @@ optionally `ImageSets/<year>/<list>.txt` (video names, one a line). A dataset ro
 - MOSE-style: its sub-folders are split folders (`ROOT/train/`, `ROOT/valid/`), each labelled by its name; or
 - DAVIS-style: the root is one split folder, labelled `all` (its ImageSets lists, e.g. 2017/train.txt and val.txt,
   say which videos each subset uses; they are carried along, filtered, not turned into split folders).
-Anything else in these folders is listed as unexpected (reported, never copied) so that nothing is dropped silently.
+Anything else in these folders is listed as unexpected (reported, never copied) so that nothing is dropped silently,
+except the root's `meta.json`, the description our generators write (vos-shapes-data, vos-demo-data): known, not
+copied (its counts describe the raw data, not the clean copy).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sam3.errors import DataError
 FRAMES_DIR = "JPEGImages"
 ANNOTATIONS_DIR = "Annotations"
 IMAGE_SETS_DIR = "ImageSets"
+GENERATOR_META = "meta.json"  # our generators' description of a dataset root
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 ANNOTATION_SUFFIX = ".png"
 DAVIS_SPLIT = "all"  # the label of a DAVIS-style root's single split folder
@@ -82,7 +85,7 @@ def find_layout(root: Path) -> Layout:
     if _is_split_folder(root):
         split = VosSplit(DAVIS_SPLIT, "")
         _refuse_resolution_folders(root, split)
-        known = {*LAYOUT_DIRS, IMAGE_SETS_DIR}
+        known = {*LAYOUT_DIRS, IMAGE_SETS_DIR, GENERATOR_META}
         unexpected = sorted(p.name for p in root.iterdir() if p.name not in known)
         return Layout("davis", [split], unexpected)
     children = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _split_order(p.name))
@@ -95,7 +98,7 @@ def find_layout(root: Path) -> Layout:
         )
     for split in splits:
         _refuse_resolution_folders(root / split.folder, split)
-    labels = {split.folder for split in splits}
+    labels = {split.folder for split in splits} | {GENERATOR_META}
     unexpected = sorted(p.name for p in root.iterdir() if p.name not in labels)
     return Layout("mose", splits, unexpected)
 

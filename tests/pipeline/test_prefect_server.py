@@ -77,7 +77,8 @@ def test_prefect_up_serves_the_deployments_and_down_leaves_nothing(tmp_path: Pat
     repo = copy_repo(tmp_path / "repo")
     # finetune/mose on a generated dataset in MOSE layout, with the suite's recipe flags cut to 2 tiny steps
     build_vos_shapes(repo / "data/raw/mose", train_videos=2, valid_videos=2, frames=4, size=64, seed=0)
-    mose = {"mose": {"root": "data/raw/mose", "flags": {"set": ["vos.train.max_steps=2", "vos.preprocess.size=64"]}}}
+    flags = {"set": ["vos.train.max_steps=2", "vos.preprocess.size=64"]}
+    mose = {"mose": {"root": "data/raw", "datasets": ["mose"], "flags": flags}}
     (repo / "suites/mose/params.yaml").write_text(yaml.safe_dump(mose), encoding="utf-8")
     port = free_port()
     state = repo / ".prefect"
@@ -99,9 +100,9 @@ def test_prefect_up_serves_the_deployments_and_down_leaves_nothing(tmp_path: Pat
         assert video.returncode == 0 and "Completed" in video.stdout, video.stdout + video.stderr
         mose_stages = [f"suites/mose/dvc.yaml:{stage}" for stage in tasks.VOS_STAGES]
         assert json.loads(dvc_path.dvc_output(repo, "status", "--json", *mose_stages)) == {}
-        summary = json.loads((repo / "reports/mose/vos_summary.json").read_text())
+        summary = json.loads((repo / "reports/mose/mose/vos_summary.json").read_text())
         assert summary["steps"] == 2 and 0 <= summary["J&F"] <= 1
-        assert (repo / "runs/mose/model/config.json").is_file()
+        assert (repo / "runs/mose/mose/model/config.json").is_file()
 
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             retrain = client.read_deployment_by_name("finetune/retrain")

@@ -237,3 +237,17 @@ def test_frame_order_and_label_objects() -> None:
         (3, 8, 1, 0, 4, 2),
         (7, 8, 1, 2, 4, 2),
     ]
+
+
+@pytest.mark.parametrize("layout", ["mose", "davis"])
+def test_our_generated_datasets_are_clean_and_their_meta_json_no_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    from pipeline.vos_shapes import build_vos_shapes
+
+    build_vos_shapes(tmp_path / "ds", train_videos=2, valid_videos=1, frames=3, size=32, seed=0, layout=layout)
+    monkeypatch.chdir(tmp_path)
+    code, report = run_stage(tmp_path, tmp_path / "ds")
+    assert code == 0 and report is not None
+    assert report["problems"] == []  # meta.json at the root is the generator's description, known
+    assert not (tmp_path / "out" / "meta.json").exists()  # and not copied: its counts describe the raw data
