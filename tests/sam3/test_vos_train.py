@@ -241,8 +241,11 @@ def test_two_processes_equal_one_with_accumulation(squares, tmp_path):
     two = {r["step"]: r["loss"] for r in _records(tmp_path / "ddp") if "loss" in r}
     assert one.keys() == two.keys() and all(one[s] == pytest.approx(two[s], rel=1e-5) for s in one)
     a, b = _weights(tmp_path / "single" / "model"), _weights(tmp_path / "ddp" / "model")
+    # the all-reduce sums the two clips' gradients in another order than accumulation does; AdamW's m / (sqrt(v) +
+    # eps) turns the round-off of a gradient near eps (1e-8) into up to a few 1e-6 of an lr-1e-3 step (a run gave
+    # 1.8e-6), while a real difference (a clip missing, another seed) moves weights by ~lr = 1e-3
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.slow
