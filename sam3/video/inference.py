@@ -28,10 +28,10 @@ from transformers import (
 from transformers.models.sam2_video.modeling_sam2_video import NO_OBJ_SCORE
 
 from sam3.errors import DataError
+from sam3.video.data import FRAME_SUFFIXES, natural_key
 from sam3.video.palette import read_label_map, write_label_map
 from sam3.video.tracker import model_image_size, tracker_kind
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")
 FirstMasks = dict[int, tuple[int, np.ndarray]]  # object id -> (first frame index, (H, W) bool mask on that frame)
 
 
@@ -172,14 +172,14 @@ def predict_split(
 
 
 def _frame_files(folder: Path) -> list[Path]:
-    """The video's JPEG frames in time order: by number when every name is a number (as the reference), else by name."""
+    """The video's frames (JPEG or PNG, as the readers of sam3.video.data take them) in their order: numbers as
+    numbers (as the reference), else by name."""
     if not folder.is_dir():
-        raise DataError(f"{folder} is missing: each video of the split is a folder of JPEG frames")
-    files = [p for p in folder.iterdir() if p.suffix in FRAME_SUFFIXES]
+        raise DataError(f"{folder} is missing: each video of the split is a folder of frames")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
     if not files:
-        raise DataError(f"{folder} holds no JPEG frames ({', '.join(FRAME_SUFFIXES)})")
-    numeric = all(p.stem.isdigit() for p in files)
-    return sorted(files, key=lambda p: (int(p.stem), p.stem) if numeric else (0, p.stem))
+        raise DataError(f"{folder} holds no frames ({', '.join(FRAME_SUFFIXES)})")
+    return sorted(files, key=lambda p: natural_key(p.stem))
 
 
 def _read_frame(path: Path) -> np.ndarray:

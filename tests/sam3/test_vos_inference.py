@@ -90,3 +90,18 @@ def test_predict_split_writes_one_png_per_frame(model, tmp_path):
         assert all(m.shape == (HEIGHT, WIDTH) and set(np.unique(m)) <= {0, 1, 4} for m in maps)
     with pytest.raises(DataError, match="Annotations"):
         predict_split(model, tmp_path / "out", tmp_path / "out2", progress=False)
+
+
+def test_predict_split_reads_png_frames_in_number_order(model, tmp_path):
+    """Frames may be PNG (as the data readers and vos-validate take them); 2 < 10 by number, not by name."""
+    split = tmp_path / "split"
+    frames, first, second = make_video(num_frames=3, seed=0)
+    for name, frame in zip(("2", "10", "1"), (frames[1], frames[2], frames[0]), strict=True):
+        path = split / "JPEGImages" / "bear" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(path)
+    write_label_map(split / "Annotations" / "bear" / "1.png", first * 1 + second * 4)
+    assert predict_split(model, split, tmp_path / "out", progress=False) == ["bear"]
+    assert sorted(p.name for p in (tmp_path / "out" / "bear").iterdir()) == ["1.png", "10.png", "2.png"]
+    # the first frame (1.png) carries the given masks back: its label map holds both ids
+    assert set(np.unique(read_label_map(tmp_path / "out" / "bear" / "1.png"))) == {0, 1, 4}
