@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.code_deps import code_fingerprint
     from sam3.errors import DataError
     from sam3.io import write_text
+    from sam3.run_lock import run_lock
 
     params = stage_params(args)
     vos = params.vos
@@ -52,9 +53,11 @@ def run(args: argparse.Namespace) -> int:
     # the code fingerprint joins the params stored in checkpoints: a run whose code changed starts over instead of
     # resuming the old code's checkpoint (as the image trainer does)
     job = vos_job(vos, dataset, args.run_dir, {"vos": resolved, "code": {"sha256": code_fingerprint(__name__)}})
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(args.run_dir / "params.yaml", yaml.safe_dump({"vos": resolved}, sort_keys=False))
-    export_dir = train_vos(job)
+    # held from before params.yaml is written to the end (train_vos takes it again: re-entrant), so a second trainer
+    # on this run folder exits 2 naming the first before it writes anything (sam3.run_lock)
+    with run_lock(args.run_dir, "training run"):
+        write_text(args.run_dir / "params.yaml", yaml.safe_dump({"vos": resolved}, sort_keys=False))
+        export_dir = train_vos(job)
     print(f"fine-tuned tracker: {export_dir}")
     return 0
 

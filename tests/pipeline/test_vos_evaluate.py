@@ -95,3 +95,20 @@ def test_mistakes_are_one_line_and_exit_2(command: list[str], message: str, tmp_
     assert main([part.format(tmp=tmp_path) for part in command]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_a_second_vos_trainer_on_a_held_run_folder_exits_2_and_writes_nothing(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    from tests.lock_holder import lock_held_elsewhere
+
+    data, _ = trained
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "params.yaml").write_text("vos: {train: {max_steps: 5}}\n")  # the running trainer's
+    with lock_held_elsewhere(run_dir) as holder:
+        assert main(["vos-train", "--run-dir", str(run_dir), "--dataset", str(data), "--set", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by another training run (pid {holder.pid}" in err and "Traceback" not in err
+    assert (run_dir / "params.yaml").read_text() == "vos: {train: {max_steps: 5}}\n"
+    assert not (run_dir / "checkpoints").exists()
