@@ -241,11 +241,16 @@ def test_two_processes_equal_one_with_accumulation(squares, tmp_path):
     two = {r["step"]: r["loss"] for r in _records(tmp_path / "ddp") if "loss" in r}
     assert one.keys() == two.keys() and all(one[s] == pytest.approx(two[s], rel=1e-5) for s in one)
     a, b = _weights(tmp_path / "single" / "model"), _weights(tmp_path / "ddp" / "model")
-    # the all-reduce sums the two clips' gradients in another order than accumulation does; AdamW's m / (sqrt(v) +
-    # eps) turns the round-off of a gradient near eps (1e-8) into up to a few 1e-6 of an lr-1e-3 step (a run gave
-    # 1.8e-6), while a real difference (a clip missing, another seed) moves weights by ~lr = 1e-3
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=2e-5)
+    # The all-reduce sums the two clips' gradients in another order than accumulation does. AdamW's first steps move
+    # a weight by lr * m / (sqrt(v) + eps): for a gradient near eps (1e-8) that ratio turns the sum's round-off into a
+    # visible part of one lr-1e-3 step (runs gave 1.8e-6 and 3.8e-5 on a few elements). So: every element within a
+    # fifth of a step, and the weights equal on average to 1e-6, where a real difference (a clip missing, another
+    # seed, other prompts) moves most elements by about lr per step.
+    floats = [key for key in a if a[key].is_floating_point()]
+    for key in floats:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-4)
+    gap = torch.cat([(a[key] - b[key]).abs().flatten() for key in floats])
+    assert gap.mean() < 1e-6, gap.mean()
 
 
 @pytest.mark.slow
