@@ -5,7 +5,7 @@
 Input: a MOSE root (`train/`, `valid/`, ... each holding `JPEGImages/` and `Annotations/`) or one split folder
 (`JPEGImages/`, `Annotations/`, maybe `ImageSets/`, as DAVIS). The output mirrors it: the same split folders, the
 same `<video>/<frame>` paths under JPEGImages/ and Annotations/ (nested folders such as DAVIS's `480p/` included),
-`ImageSets/` copied byte for byte, and `preprocess.json` with the counts and seconds.
+`ImageSets/` copied byte for byte, and `preprocess.json` with the counts (no timing: the same bytes on any machine).
 
 Per file, with (w, h) its size and scale = SIZE / max(w, h) (never above 1 with --no-enlarge):
 
@@ -236,7 +236,8 @@ def _run_jobs(jobs: list[VideoJob], workers: int) -> Iterator[VideoResult]:
 def preprocess_vos(
     in_dir: str | Path, out_dir: str | Path, size: int = DEFAULT_SIZE, enlarge: bool = True, workers: int = 1
 ) -> dict[str, Any]:
-    """Write the resized copy of `in_dir` to `out_dir` (module docstring) and `out_dir`/preprocess.json; return it:
+    """Write the resized copy of `in_dir` to `out_dir` (module docstring) and `out_dir`/preprocess.json; return it
+    plus the seconds it took (logged, not written: the folder is a DVC output and must be the same on any machine):
 
     {"size", "enlarge", "workers", "videos", "frames", "annotations", "resized", "copied", "ids_lost", "seconds",
      "splits": {split ("." for a single split folder): {"videos", "frames", "annotations", "resized", "copied",
@@ -271,11 +272,10 @@ def preprocess_vos(
             shutil.copytree(lists, out_dir / split / LISTS_DIR, dirs_exist_ok=True)
     totals = {key: sum(c[key] for c in per_split.values()) for key in ("videos", "frames", "annotations")}
     totals |= {key: sum(c[key] for c in per_split.values()) for key in ("resized", "copied", "ids_lost")}
-    seconds = round(time.perf_counter() - start, 3)
-    summary = {"size": size, "enlarge": enlarge, "workers": workers, **totals, "seconds": seconds, "splits": per_split}
+    summary = {"size": size, "enlarge": enlarge, "workers": workers, **totals, "splits": per_split}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return {**summary, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -77,7 +77,7 @@ def test_mose_root_is_mirrored_at_the_new_size_with_ids_and_palette_kept(shapes_
         "copied": 0,
     }
     assert summary["splits"]["train"]["videos"] == 2 and summary["splits"]["valid"]["frames"] == 3
-    assert summary["seconds"] >= 0
+    assert "seconds" not in summary  # a DVC output: no timing, the same bytes on any machine
 
 
 def test_nearest_keeps_index_values_exactly_and_aspect_is_kept(tmp_path: Path) -> None:
