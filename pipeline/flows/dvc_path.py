@@ -56,6 +56,15 @@ def dvc_locked_model(repo: Path) -> tuple[str, str | None] | None:
     return None
 
 
+def status_note(repo: Path, ran: list[str]) -> str:
+    """The summary's line on `dvc status` of the stages `ran` (a warning in the log too when it is not clean)."""
+    status = json.loads(dvc_output(repo, "status", "--json", *ran) or "{}") if ran else {}
+    if status:
+        get_run_logger().warning("dvc status is not clean after the run: %s", status)
+        return f"dvc status NOT clean: {json.dumps(status, sort_keys=True)}"
+    return f"dvc status clean for {', '.join(ran) or 'no stage'}"
+
+
 @dataclass
 class PathResult:
     """What a path (DVC or suite) hands to the report: the rows, notes for the summary, failures."""
@@ -80,12 +89,7 @@ def run_dvc_path(repo: Path, metric: str) -> PathResult:
             continue
         stage_task(dvc_command("repro", stage), str(repo), label="via dvc")
         ran.append(stage)
-    status = json.loads(dvc_output(repo, "status", "--json", *ran) or "{}") if ran else {}
-    if status:
-        logger.warning("dvc status is not clean after the run: %s", status)
-        notes.append(f"dvc status NOT clean: {json.dumps(status, sort_keys=True)}")
-    else:
-        notes.append(f"dvc status clean for {', '.join(ran) or 'no stage'}")
+    notes.append(status_note(repo, ran))
 
     params = load_params(repo / PARAMS_FILE)
     locked = dvc_locked_model(repo)
@@ -107,7 +111,6 @@ def run_vos_dvc_path(repo: Path, dvc_file: str, metric: str = VOS_METRIC) -> Pat
     """`dvc repro <dvc_file>:<stage>` for the VOS stages (vos_check -> vos_evaluate) of `dvc_file` (dvc.yaml:
     params.yaml's vos.dataset; suites/mose/dvc.yaml: every dataset of the MOSE suite's matrix), then `metric` from
     each run's vos_summary.json."""
-    logger = get_run_logger()
     target = "" if dvc_file == "dvc.yaml" else f"{dvc_file}:"
     document = yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8")) or {}
     present = set(document.get("stages", {}))
@@ -118,12 +121,7 @@ def run_vos_dvc_path(repo: Path, dvc_file: str, metric: str = VOS_METRIC) -> Pat
             continue
         stage_task(dvc_command("repro", f"{target}{stage}"), str(repo), label=f"{dvc_file} via dvc")
         ran.append(f"{target}{stage}")
-    status = json.loads(dvc_output(repo, "status", "--json", *ran) or "{}") if ran else {}
-    if status:
-        logger.warning("dvc status is not clean after the run: %s", status)
-        notes.append(f"dvc status NOT clean: {json.dumps(status, sort_keys=True)}")
-    else:
-        notes.append(f"dvc status clean for {', '.join(ran) or 'no stage'}")
+    notes.append(status_note(repo, ran))
     rows = [MetricRow(name, 0, read_metric_value(repo / path, metric), path, model) for name, path, model in
             _vos_runs(repo, dvc_file)]  # fmt: skip
     if not rows:
