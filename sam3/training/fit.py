@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from sam3.checkpoint import TrainState, epoch_checkpoint_name
 from sam3.coco import split_annotation_path
 from sam3.config import TrainJob
-from sam3.distributed import DistInfo, barrier
+from sam3.distributed import DistInfo
 from sam3.engine import StepResult, train_step
 from sam3.features import CachedDetector
 from sam3.optim import set_lr
@@ -40,7 +40,7 @@ from sam3.training.ddp import from_main_rank, global_means, wrap_ddp
 from sam3.training.loader import resolve_num_workers
 from sam3.training.logs import TrainLogs
 from sam3.training.progress import Progress
-from sam3.training.resume import RunCheckpoints
+from sam3.training.resume import RunCheckpoints, roll_back
 from sam3.training.setup import RunParts
 from sam3.training.validation import validate
 
@@ -127,7 +127,7 @@ class FitLoop:
             loss = result.mean_loss  # averaged over ranks and read by the step itself: no sync of its own
             reason = parts.guard.check(loss, step=state.step)
             if reason is not None:
-                return self._roll_back(state.step, reason)
+                return roll_back(self.checkpoints, parts.guard, self.logs, self.progress, state.step, reason)
             state = self._after_step(state, epoch, result, loss)
             if state.step >= parts.total_steps or state.epoch_step == parts.steps_per_epoch:
                 return state
@@ -159,22 +159,6 @@ class FitLoop:
         self.images_seen += sum(len(b.image_ids) for b in micro) * self.dist_info.world_size
         return result
 
-    def _roll_back(self, step: int, reason: str) -> TrainState:
-        """Back to the newest checkpoint with a lower lr (the guard raises DivergenceError past its limit)."""
-        multiplier = self.parts.guard.register_rollback()
-        # Checkpoints are written in the background by rank 0 (sam3.training.resume). Every rank rolls back at the
-        # same step (the guard reads the loss averaged over ranks), so: rank 0 finishes its write in flight, then
-        # the barrier, and only then does any rank look for the newest file, which is complete on disk by then.
-        self.checkpoints.flush()
-        barrier()
-        back = self.checkpoints.latest()
-        logger.warning("step %d: %s; rolling back to %s, lr x %.3g", step, reason, back.name, multiplier)
-        self.logs.event({"step": step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
-        # the guard's own state (rollback count) is NOT restored from the checkpoint
-        state = self.checkpoints.load(back)
-        self.progress.back_to(state.step)
-        return state
-
     def _after_step(self, state: TrainState, epoch: int, result: StepResult, loss: float) -> TrainState:
         """The state after a good step of `epoch` with this `loss`; log, validate and checkpoint when their turn has
         come."""
@@ -197,7 +181,7 @@ class FitLoop:
             if end_of_epoch and epoch + 1 in loop.checkpoint_epochs:
                 self.checkpoints.save(state, epoch_checkpoint_name(epoch + 1))
             # no barrier: the file is still being written in the background; a rollback flushes and waits for
-            # rank 0 itself before any rank reads (`_roll_back`)
+            # rank 0 itself before any rank reads (`sam3.training.resume.roll_back`)
         return state
 
     def _validate(self, state: TrainState) -> None:

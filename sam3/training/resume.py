@@ -14,6 +14,9 @@ checkpoint's step is refused with a ConfigError before any training (a run is no
 the total to at least that step to go on (exactly that step: the checkpoint is exported as it is), or move the
 checkpoints folder away to train the shorter run anew.
 
+`roll_back` is the divergence guard's way back, shared by the image and the video trainers: the newest intact
+checkpoint, with the guard's window of losses rewound to the one saved in it (its rollback count is kept).
+
 Only intact checkpoints are resumed (or rolled back to): `latest()` verifies the CRC-32 of every record of the
 newest file (`sam3.checkpoint_integrity`), and rank 0 moves a damaged, truncated or unreadable one to
 checkpoints/corrupt/ with a warning naming it and why, then tries the next older one. The other ranks skip the
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -43,6 +47,7 @@ from sam3.checkpoint_writer import BackgroundWriter, SnapshotBuffers, cpu_snapsh
 from sam3.config import TrainJob
 from sam3.distributed import DistInfo, barrier
 from sam3.errors import ConfigError
+from sam3.guard import DivergenceGuard
 from sam3.optim import schedule_factor
 from sam3.training.setup import RunParts
 
@@ -280,3 +285,44 @@ def _set_aside_best(best: Path) -> None:
     kept = best.with_name("superseded_best.pt")
     best.replace(kept)
     logger.warning("an earlier run's best checkpoint %s kept as %s", best, kept)
+
+
+class _Checkpoints(Protocol):
+    """What `roll_back` needs of a run's checkpoint folder (`RunCheckpoints`, the video trainer's
+    `VosCheckpoints`)."""
+
+    def flush(self) -> None: ...
+    def latest(self) -> Path: ...
+    def load(self, path: Path) -> TrainState: ...
+
+
+class _Events(Protocol):
+    def event(self, record: dict[str, Any]) -> None: ...
+
+
+class _Rewinds(Protocol):
+    def back_to(self, step: int) -> None: ...
+
+
+def roll_back(
+    checkpoints: _Checkpoints, guard: DivergenceGuard, logs: _Events, progress: _Rewinds, step: int, reason: str
+) -> TrainState:
+    """The state to go on from after the guard flagged `step` for `reason`: the newest intact checkpoint's, with a
+    lower lr (`guard.register_rollback`, which raises DivergenceError past its limit).
+
+    Every rank calls this at the same step (the guard reads the loss averaged over ranks). Checkpoints are written
+    in the background by rank 0, so rank 0 finishes its write in flight, then the barrier, and only then does any
+    rank look for the newest file, which is complete on disk by then. The guard keeps its rollback count but takes
+    the checkpoint's window of losses (`DivergenceGuard.rewind`): the restored weights' losses are judged against
+    the losses they had, not the later ones of the steps undone (rolled back to an early checkpoint, the model's
+    higher losses would otherwise read as spikes)."""
+    multiplier = guard.register_rollback()
+    checkpoints.flush()
+    barrier()
+    back = checkpoints.latest()
+    logger.warning("step %d: %s; rolling back to %s, lr x %.3g", step, reason, back.name, multiplier)
+    logs.event({"step": step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
+    state = checkpoints.load(back)
+    guard.rewind(state.guard)
+    progress.back_to(state.step)
+    return state

@@ -77,7 +77,7 @@ from sam3.guard import DivergenceGuard
 from sam3.training.ddp import global_means, main_rank_lock
 from sam3.training.logs import TrainLogs
 from sam3.training.progress import Progress
-from sam3.training.resume import set_aside
+from sam3.training.resume import roll_back, set_aside
 from sam3.training.setup import AMP_DTYPES, seed_everything
 from sam3.video.config import VOS_FREEZE_MODES, VosJob
 from sam3.video.data import ClipDataset, VosIndex, first_clip
@@ -462,7 +462,7 @@ class VosFit:
             clips = []
             reason = parts.guard.check(result.mean_loss, step=state.step)
             if reason is not None:
-                return self._roll_back(state.step, reason)
+                return roll_back(self.checkpoints, parts.guard, self.logs, self.progress, state.step, reason)
             state = self._after_step(state, result)
             if state.step >= parts.total_steps or state.epoch != epoch:
                 return state
@@ -484,20 +484,6 @@ class VosFit:
             self.logs.step(step, result, parts.optimizer, frames_per_s, self.dist_info.device)
         if step % loop.checkpoint_every == 0 or last:
             self.checkpoints.save(state)
-        return state
-
-    def _roll_back(self, step: int, reason: str) -> TrainState:
-        """Back to the newest checkpoint with a lower lr (the guard raises DivergenceError past its limit)."""
-        multiplier = self.parts.guard.register_rollback()
-        # rank 0's write in flight completes, then the barrier: every rank then reads the same complete file
-        self.checkpoints.flush()
-        barrier()
-        back = self.checkpoints.latest()
-        logger.warning("step %d: %s; rolling back to %s, lr x %.3g", step, reason, back.name, multiplier)
-        self.logs.event({"step": step, "event": "rollback", "reason": reason, "lr_multiplier": multiplier})
-        state = self.checkpoints.load(back)  # the guard's own state (its rollback count) is kept
-        self.parts.guard.rewind(state.guard)  # but its window of losses is the checkpoint's
-        self.progress.back_to(state.step)
         return state
 
 

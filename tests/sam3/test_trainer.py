@@ -280,6 +280,10 @@ def test_nan_loss_rolls_back_to_the_last_checkpoint_lowers_the_lr_and_finishes(s
     assert (tmp_path / "model" / "model.safetensors").is_file()
     final = torch.load(tmp_path / "checkpoints" / step_checkpoint_name(4), weights_only=True)
     assert final["train_state"]["guard"]["rollbacks"] == 1
+    # the guard's window was rewound to the step-2 checkpoint's: it holds the losses of the steps the run kept
+    # (1, 2, replayed 3, 4), not the undone first step 3 (its weights are gone; it would skew the spike test)
+    kept = [records[0], records[1], replayed_3, records[5]]
+    assert final["train_state"]["guard"]["history"] == pytest.approx([r["loss"] for r in kept], rel=1e-6)
 
 
 def test_nan_after_the_rollback_budget_raises_divergence_error(shapes, tmp_path, monkeypatch):
