@@ -54,7 +54,8 @@ lint: $(STAMP)
 # Prefect server and deployments (make prefect-up / prefect-down)
 -include make/prefect.mk
 
-# `dvc exp show` cut to the run summary's metrics and the params people change most (fits 160 columns).
-EXP_COLUMNS := Experiment|Created|bbox_AP|bbox_AP50|segm_AP|cgF1|IL_MCC|train_loss|steps|dataset\.name|model\.source|train\.max_steps|train\.freeze|optim\.lr_detr
+# `dvc exp show` cut to the numbers people compare (image and video runs) and the params they change most; fits a
+# 160-column terminal. Other columns: make exp EXP_COLUMNS='Experiment|bbox_AP|train\.freeze|...' (regexes, | between).
+EXP_COLUMNS ?= Experiment|Created|bbox_AP|bbox_AP50|segm_AP|cgF1|train_loss|steps|J&F|dataset\.name|model\.source|optim\.lr_detr
 exp: $(STAMP)
 	dvc exp show --no-pager --drop '.*' --keep '^($(EXP_COLUMNS))$$'

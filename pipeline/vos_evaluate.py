@@ -150,7 +150,11 @@ def report(results: dict[str, Any], model: str, baseline: str, figures: list[Pat
 
 
 def summary(results: dict[str, Any], train_stats: Path | None) -> dict[str, Any]:
-    """The handful of numbers compared across runs (a path without the dataset's name: `dvc metrics diff`)."""
+    """The handful of numbers compared across runs (a path without the dataset's name: `dvc metrics diff`).
+
+    The training's numbers are `vos_train_loss` and `vos_steps`, not the image summary's `train_loss` and `steps`:
+    `dvc exp show` puts every metrics file's keys in one row of columns and names a key two files share after its
+    file (`reports/summary.json:steps`), which `make exp`'s column list would miss."""
     model = results["model"]
     out: dict[str, Any] = {"J&F": model["J&F"], "J": model["J"], "F": model["F"]}
     if "baseline" in results:
@@ -159,6 +163,6 @@ def summary(results: dict[str, Any], train_stats: Path | None) -> dict[str, Any]
         records = [json.loads(line) for line in train_stats.read_text(encoding="utf-8").splitlines() if line.strip()]
         steps = [record for record in records if "loss" in record and "step" in record]
         if steps:
-            out["train_loss"] = steps[-1]["loss"]
-            out["steps"] = steps[-1]["step"]
+            out["vos_train_loss"] = steps[-1]["loss"]
+            out["vos_steps"] = steps[-1]["step"]
     return out

@@ -101,7 +101,7 @@ def test_prefect_up_serves_the_deployments_and_down_leaves_nothing(tmp_path: Pat
         mose_stages = [f"suites/mose/dvc.yaml:{stage}" for stage in tasks.VOS_STAGES]
         assert json.loads(dvc_path.dvc_output(repo, "status", "--json", *mose_stages)) == {}
         summary = json.loads((repo / "reports/mose/mose/vos_summary.json").read_text())
-        assert summary["steps"] == 2 and 0 <= summary["J&F"] <= 1
+        assert summary["vos_steps"] == 2 and 0 <= summary["J&F"] <= 1
         assert (repo / "runs/mose/mose/model/config.json").is_file()
 
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:

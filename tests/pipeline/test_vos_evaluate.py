@@ -48,8 +48,8 @@ def test_vos_train_writes_the_run_and_vos_evaluate_the_report(trained: tuple[Pat
         "J": metrics["model"]["J"],
         "F": metrics["model"]["F"],
         "baseline_J&F": metrics["baseline"]["J&F"],
-        "train_loss": json.loads((run / "train_stats.jsonl").read_text().splitlines()[-1])["loss"],
-        "steps": 2,
+        "vos_train_loss": json.loads((run / "train_stats.jsonl").read_text().splitlines()[-1])["loss"],
+        "vos_steps": 2,
     }
     # one PNG per annotated frame; vos-score on them gives the same J&F
     assert len(list((out / "predictions" / "valid_0000").glob("*.png"))) == 5
