@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -82,37 +83,54 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(
-    model: nn.Module, config: OptimConfig, num_vit_blocks: int, adapter_lr: float | None = None
+def group_parameters(
+    model: nn.Module, weight_decay: float, place: Callable[[str], tuple[str, float, float]]
 ) -> list[dict]:
-    """AdamW groups keyed by (component, layer scale, weight decay) over the trainable parameters of `model`.
-
-    `adapter_lr`: the adapter weights (sam3.adapters) form the component "adapter" with this base rate and no layer
-    decay; None: they belong to the part they are in, like that part's own weights.
-    """
-    base = {"vision": config.lr_vision, "text": config.lr_text, "detr": config.lr_detr, "adapter": adapter_lr}
+    """AdamW groups keyed by (component, layer scale, weight decay) over the trainable parameters of `model`, in
+    the order of their first parameter. `place(name)` -> (component, the component's base lr, layer scale); a
+    group's lr is base lr x scale, its weight decay `weight_decay` or 0 for the names `no_weight_decay_names`
+    exempts. Each group records `component`, `base_lr` (after layer decay) and `names`. Frozen parameters are left
+    out, so they carry no optimiser state. Shared by this module and `sam3.video.optim`."""
     skip_decay = no_weight_decay_names(model)
     groups: dict[tuple[str, float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        component = "adapter" if adapter_lr is not None and is_adapter_parameter(name) else component_of(name)
-        scale = vit_layer_scale(name, num_vit_blocks, config.layer_decay) if component == "vision" else 1.0
-        weight_decay = 0.0 if name in skip_decay else config.weight_decay
-        key = (component, scale, weight_decay)
+        component, base_lr, scale = place(name)
+        decay = 0.0 if name in skip_decay else weight_decay
+        key = (component, scale, decay)
         if key not in groups:
-            lr = base[component] * scale
+            lr = base_lr * scale
             groups[key] = {
                 "params": [],
                 "names": [],
                 "component": component,
                 "base_lr": lr,
                 "lr": lr,
-                "weight_decay": weight_decay,
+                "weight_decay": decay,
             }
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())
+
+
+def param_groups(
+    model: nn.Module, config: OptimConfig, num_vit_blocks: int, adapter_lr: float | None = None
+) -> list[dict]:
+    """The detector's AdamW groups (`group_parameters`): components vision / text / detr at their own lr, layer
+    decay over the ViT's blocks.
+
+    `adapter_lr`: the adapter weights (sam3.adapters) form the component "adapter" with this base rate and no layer
+    decay; None: they belong to the part they are in, like that part's own weights.
+    """
+    base = {"vision": config.lr_vision, "text": config.lr_text, "detr": config.lr_detr, "adapter": adapter_lr}
+
+    def place(name: str) -> tuple[str, float, float]:
+        component = "adapter" if adapter_lr is not None and is_adapter_parameter(name) else component_of(name)
+        scale = vit_layer_scale(name, num_vit_blocks, config.layer_decay) if component == "vision" else 1.0
+        return component, base[component], scale
+
+    return group_parameters(model, config.weight_decay, place)
 
 
 # device types whose fused AdamW kernel we use (torch >= 2.4 has one for the CPU)

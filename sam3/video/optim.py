@@ -37,7 +37,7 @@ import re
 import torch
 from torch import nn
 
-from sam3.optim import FUSED_DEVICE_TYPES, no_weight_decay_names, vit_layer_scale
+from sam3.optim import FUSED_DEVICE_TYPES, group_parameters, vit_layer_scale
 from sam3.video.config import VosOptimConfig
 
 VISION_PREFIX = "vision_encoder."
@@ -87,31 +87,16 @@ def layer_scale(name: str, trunk: str, num_blocks: int, decay: float) -> float:
 
 
 def param_groups(model: nn.Module, config: VosOptimConfig) -> list[dict]:
-    """AdamW groups keyed by (component, layer scale, weight decay) over the trainable parameters of `model`."""
+    """The tracker's AdamW groups (`sam3.optim.group_parameters`): components vision / tracker, layer decay over the
+    trunk (module docstring)."""
     trunk, num_blocks = trunk_blocks(model)
-    skip_decay = no_weight_decay_names(model)
-    groups: dict[tuple[str, float, float], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        component = "vision" if name.startswith(VISION_PREFIX) else "tracker"
-        base = config.lr_vision if component == "vision" else config.lr
+
+    def place(name: str) -> tuple[str, float, float]:
+        vision = name.startswith(VISION_PREFIX)
         scale = layer_scale(name, trunk, num_blocks, config.layer_decay)
-        weight_decay = 0.0 if name in skip_decay else config.weight_decay
-        key = (component, scale, weight_decay)
-        if key not in groups:
-            lr = base * scale
-            groups[key] = {
-                "params": [],
-                "names": [],
-                "component": component,
-                "base_lr": lr,
-                "lr": lr,
-                "weight_decay": weight_decay,
-            }
-        groups[key]["params"].append(param)
-        groups[key]["names"].append(name)
-    return list(groups.values())
+        return ("vision", config.lr_vision, scale) if vision else ("tracker", config.lr, scale)
+
+    return group_parameters(model, config.weight_decay, place)
 
 
 def build_optimizer(model: nn.Module, config: VosOptimConfig) -> torch.optim.AdamW:
