@@ -31,24 +31,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from sam3.checkpoint import (
-    BEST_CHECKPOINT,
-    TrainState,
-    checkpoint_file_name,
-    checkpoint_payload,
-    latest_checkpoint,
-    load_checkpoint,
-    write_checkpoint,
-)
-from sam3.checkpoint_frozen import FrozenPart
-from sam3.checkpoint_writer import BackgroundWriter, SnapshotBuffers, cpu_snapshot
+from sam3.checkpoint import BEST_CHECKPOINT, TrainState, load_checkpoint
 from sam3.config import TrainJob
 from sam3.distributed import DistInfo, barrier
 from sam3.errors import ConfigError
 from sam3.guard import DivergenceGuard
 from sam3.optim import schedule_factor
+from sam3.training.checkpoint_folder import CheckpointFolder
 from sam3.training.setup import RunParts
 
 logger = logging.getLogger(__name__)
@@ -76,109 +66,29 @@ _RESUME_IGNORED = {
 }
 
 
-class RunCheckpoints:
-    """The checkpoint folder of a run: save (rank 0 only, in the background), find the newest, load into the run's
-    model, optimiser and scaler. Each checkpoint holds the train state (with the guard's state) and the run's params,
-    and of the model only what trains (`sam3.checkpoint`); the frozen part's record is hashed once per run.
-
-    A save copies the state to CPU memory in the calling thread (into buffers kept for the run: one checkpoint's
-    worth of host memory; train.checkpoint_background false writes in the calling thread instead, without them) and
-    returns; the file is written by one worker thread (`sam3.checkpoint_writer`), in the
-    order of the saves, one at a time: a save that comes while the previous write runs waits for it first. Whatever
-    reads the folder waits for the writes: `latest`, `load`, `load_weights` flush; another rank reads only after
-    rank 0's `flush` and a barrier (`sam3.training.fit`, rollback). `close()` (the trainer's finally) lets the write
-    in flight finish.
-    """
+class RunCheckpoints(CheckpointFolder):
+    """The image run's checkpoint folder (`sam3.training.checkpoint_folder`: background saves by rank 0, the newest
+    intact file, loading), plus best.pt: the weights at the best validation, exported when train.export says so."""
 
     def __init__(self, folder: Path, parts: RunParts, job: TrainJob, dist_info: DistInfo):
-        self.folder, self.parts, self.job, self.dist_info = folder, parts, job, dist_info
-        self.frozen = FrozenPart(parts.detector.model)
-        self.writer = BackgroundWriter() if dist_info.is_main else None  # rank 0 is the folder's one writer
-        self.buffers = SnapshotBuffers()  # the CPU copies of every save, reused (sam3.checkpoint_writer)
+        loop = job.loop
+        super().__init__(
+            folder, parts.detector.model, parts, job.params, loop.keep_last, loop.checkpoint_background, dist_info
+        )
+        self.parts, self.job = parts, job
 
     @property
     def best_path(self) -> Path:
         return self.folder / BEST_CHECKPOINT
 
-    def save(self, state: TrainState, name: str | None = None) -> None:
-        """Checkpoint `state` as step_<step>.pt (keeping train.keep_last of those), or as `name`, kept for good."""
-        self._save(state, name, with_optimizer=True)
-
     def save_best(self, state: TrainState) -> None:
         """The model's weights as best.pt (no optimiser state: it is exported, never resumed); never rotated."""
         self._save(state, BEST_CHECKPOINT, with_optimizer=False)
 
-    def _save(self, state: TrainState, name: str | None, with_optimizer: bool) -> None:
-        optimizer = self.parts.optimizer
-        if with_optimizer and isinstance(optimizer, ZeroRedundancyOptimizer):
-            # ddp.strategy zero: each rank holds a shard of the moments; gathered on rank 0 (a collective: every
-            # rank calls save, as for the other checkpoints) before rank 0 reads state_dict()
-            optimizer.consolidate_state_dict(to=0)
-        if self.writer is None:
-            return
-        parts, keep_last = self.parts, self.job.loop.keep_last
-        state.guard = parts.guard.state_dict()
-        state.total_steps = parts.total_steps
-        file_name = checkpoint_file_name(state.step, state, name, keep_last)
-        folder = self.folder
-        # the write in flight reads the buffers this copy goes into: one write in flight, the next one waits here
-        self.writer.wait_turn(str(folder / file_name))
-        payload = checkpoint_payload(
-            parts.detector.model,
-            parts.optimizer if with_optimizer else None,
-            None,
-            parts.scaler,
-            state,
-            self.job.params,
-            frozen=self.frozen,
-        )
-        if not self.job.loop.checkpoint_background:  # written here and now: no copy kept for the run
-            write_checkpoint(payload, folder, file_name, keep_last=keep_last)
-            return
-        # copied: training changes the weights and moments in place from the next step on
-        payload = cpu_snapshot(payload, self.buffers)
-        self.writer.submit(
-            str(folder / file_name), lambda: write_checkpoint(payload, folder, file_name, keep_last=keep_last)
-        )
-
-    def flush(self) -> None:
-        """Wait until this rank's writes are on disk (nothing to wait for on other ranks); CheckpointError when one
-        failed."""
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self, raise_error: bool = True) -> None:
-        """Let the write in flight finish, stop the writer (`BackgroundWriter.close`) and free the copies' memory."""
-        if self.writer is not None:
-            try:
-                self.writer.close(raise_error=raise_error)
-            finally:
-                self.buffers = SnapshotBuffers()
-            if self.writer.submits:
-                logger.debug(
-                    "checkpoint writer: %d writes, %.1f s writing, %d saves waited %.1f s for the previous write",
-                    self.writer.submits,
-                    sum(self.writer.write_s),
-                    self.writer.waits,
-                    self.writer.wait_s,
-                )
-
-    def latest(self) -> Path | None:
-        """The newest intact checkpoint; damaged ones are set aside by rank 0 (the folder's one writer)."""
-        self.flush()
-        return latest_checkpoint(self.folder, set_aside_damaged=self.dist_info.is_main)
-
-    def load(self, path: Path) -> TrainState:
-        """Restore the model, optimiser and scaler from `path`; its train state."""
-        self.flush()
-        model, optimizer, scaler = self.parts.detector.model, self.parts.optimizer, self.parts.scaler
-        state, _, _ = load_checkpoint(path, model, optimizer, scaler, frozen=self.frozen)
-        return state
-
     def load_weights(self, path: Path) -> TrainState:
         """Only the model's weights from `path` (the RNGs left alone); its train state."""
         self.flush()
-        state, _, _ = load_checkpoint(path, self.parts.detector.model, restore_rng=False, frozen=self.frozen)
+        state, _, _ = load_checkpoint(path, self.model, restore_rng=False, frozen=self.frozen)
         return state
 
 

@@ -56,16 +56,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sam3.checkpoint import (
-    TrainState,
-    checkpoint_file_name,
-    checkpoint_payload,
-    latest_checkpoint,
-    load_checkpoint,
-    write_checkpoint,
-)
-from sam3.checkpoint_frozen import FrozenPart
-from sam3.checkpoint_writer import BackgroundWriter, SnapshotBuffers, cpu_snapshot
+from sam3.checkpoint import TrainState
 from sam3.config import GuardConfig
 from sam3.data.sampler import EpochKeyed, ResumableSampler
 from sam3.distributed import DistInfo, barrier, init_distributed
@@ -74,6 +65,7 @@ from sam3.engine import StepResult, autocast, grad_norm_of, read_on_every_rank
 from sam3.errors import ConfigError
 from sam3.freeze import parameter_counts
 from sam3.guard import DivergenceGuard
+from sam3.training.checkpoint_folder import CheckpointFolder
 from sam3.training.ddp import global_means, main_rank_lock
 from sam3.training.logs import TrainLogs
 from sam3.training.progress import Progress
@@ -323,58 +315,15 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class VosCheckpoints:
-    """The run's checkpoint folder: rank 0 saves in the background (`sam3.checkpoint_writer`), every rank loads.
-
-    A file holds the trainable weights and every buffer (frozen weights are rebuilt from the model source and
-    checked by their fingerprint, `sam3.checkpoint_frozen`), AdamW's state, the RNG states, the train state with the
-    guard's, and `run_params`. Reads (`latest`, `load`) first wait for the write in flight.
-    """
+class VosCheckpoints(CheckpointFolder):
+    """The video run's checkpoint folder (`sam3.training.checkpoint_folder`: rank 0 saves in the background, every
+    rank loads). A file holds the trainable weights and every buffer (frozen weights are rebuilt from the model
+    source and checked by their fingerprint, `sam3.checkpoint_frozen`), AdamW's state, the RNG states, the train
+    state with the guard's, and `run_params`."""
 
     def __init__(self, folder: Path, parts: VosParts, job: VosJob, dist_info: DistInfo):
-        self.folder, self.parts, self.job, self.dist_info = folder, parts, job, dist_info
-        self.params = run_params(job)
-        self.frozen = FrozenPart(parts.model)
-        self.writer = BackgroundWriter() if dist_info.is_main else None  # rank 0 is the folder's one writer
-        self.buffers = SnapshotBuffers()  # the CPU copies, reused by every save
-
-    def save(self, state: TrainState) -> None:
-        if self.writer is None:
-            return
-        parts, keep_last = self.parts, self.job.loop.keep_last
-        state.guard = parts.guard.state_dict()
-        state.total_steps = parts.total_steps
-        name = checkpoint_file_name(state.step, state, None, keep_last)
-        self.writer.wait_turn(str(self.folder / name))  # the write in flight reads the buffers copied into below
-        payload = checkpoint_payload(
-            parts.model, parts.optimizer, None, parts.scaler, state, self.params, frozen=self.frozen
-        )
-        payload = cpu_snapshot(payload, self.buffers)  # training changes weights and moments in place from here on
-        folder = self.folder
-        self.writer.submit(str(folder / name), lambda: write_checkpoint(payload, folder, name, keep_last=keep_last))
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self, raise_error: bool = True) -> None:
-        if self.writer is not None:
-            try:
-                self.writer.close(raise_error=raise_error)
-            finally:
-                self.buffers = SnapshotBuffers()
-
-    def latest(self) -> Path | None:
-        """The newest intact checkpoint (rank 0 sets damaged ones aside, `sam3.checkpoint.latest_checkpoint`)."""
-        self.flush()
-        return latest_checkpoint(self.folder, set_aside_damaged=self.dist_info.is_main)
-
-    def load(self, path: Path) -> TrainState:
-        """Restore the model, optimiser, scaler and RNG states from `path`; its train state."""
-        self.flush()
-        parts = self.parts
-        state, _, _ = load_checkpoint(path, parts.model, parts.optimizer, parts.scaler, frozen=self.frozen)
-        return state
+        super().__init__(folder, parts.model, parts, run_params(job), job.loop.keep_last, True, dist_info)
+        self.parts, self.job = parts, job
 
 
 def resume_or_start(checkpoints: VosCheckpoints) -> TrainState:
