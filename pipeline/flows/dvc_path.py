@@ -17,7 +17,7 @@ from pipeline.flows import tasks
 from pipeline.flows.commands import OUTPUT_TAIL_LINES, StageFailed, stage_environment
 from pipeline.flows.report import MetricRow, read_metric_value
 from pipeline.stage_args import DEFAULT_PARAMS_FILE as PARAMS_FILE  # what dvc.yaml reads
-from pipeline.stages import MODEL_FOLDER
+from pipeline.stages import MODEL_FOLDER, VosLayout, vos_root_layout, vos_suite_layout
 
 
 def dvc_command(*args: str) -> list[str]:
@@ -122,26 +122,27 @@ def run_vos_dvc_path(repo: Path, dvc_file: str, metric: str = VOS_METRIC) -> Pat
         stage_task(dvc_command("repro", f"{target}{stage}"), str(repo), label=f"{dvc_file} via dvc")
         ran.append(f"{target}{stage}")
     notes.append(status_note(repo, ran))
-    rows = [MetricRow(name, 0, read_metric_value(repo / path, metric), path, model) for name, path, model in
-            _vos_runs(repo, dvc_file)]  # fmt: skip
+    rows = [
+        MetricRow(name, 0, read_metric_value(repo / layout.summary, metric), layout.summary, layout.model)
+        for name, layout in _vos_runs(repo, dvc_file)
+    ]
     if not rows:
-        notes.append(f"no vos_summary.json of {dvc_file} holds {metric} (did vos_evaluate run?)")
+        notes.append(f"{dvc_file} declares no VOS run (an empty dataset list?)")
     return PathResult(rows, notes)
 
 
-def _vos_runs(repo: Path, dvc_file: str) -> list[tuple[str, str, str]]:
-    """(dataset name, summary file, model folder) of each VOS run `dvc_file` declares: the root pipeline's one run
-    (params.yaml's vos.dataset), or one per dataset of a suite (reports/<suite>/<dataset>/vos_summary.json)."""
-    from pipeline.stages import VOS_SUMMARY_FILE
-
+def _vos_runs(repo: Path, dvc_file: str) -> list[tuple[str, VosLayout]]:
+    """(dataset name, its layout) of each VOS run `dvc_file` declares: the root pipeline's one (params.yaml's
+    vos.dataset.name), or one per dataset of a suite's matrix (suites/<suite>/params.yaml's <suite>.datasets), with
+    the paths pipeline.stages gives its stages. A declared run without a summary gets a row without a value; an
+    earlier run's summary of a dataset no longer listed is not read."""
     if dvc_file == "dvc.yaml":
         from pipeline.params import load_params
 
         name = load_params(repo / PARAMS_FILE).vos.dataset.name
-        return [(name, f"reports/{VOS_SUMMARY_FILE}", f"runs/{name}/{MODEL_FOLDER}")]
-    suite = Path(dvc_file).parent.name
-    found = sorted((repo / "reports" / suite).glob(f"*/{VOS_SUMMARY_FILE}"))
-    return [
-        (path.parent.name, path.relative_to(repo).as_posix(), f"runs/{suite}/{path.parent.name}/{MODEL_FOLDER}")
-        for path in found
-    ]
+        return [(name, vos_root_layout(name))]
+    suite_dir = Path(dvc_file).parent
+    suite = suite_dir.name
+    suite_params = yaml.safe_load((repo / suite_dir / PARAMS_FILE).read_text(encoding="utf-8")) or {}
+    datasets = (suite_params.get(suite) or {}).get("datasets") or []
+    return [(name, vos_suite_layout(suite, name, raw="")) for name in datasets]  # raw: not read here

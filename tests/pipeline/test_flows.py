@@ -247,6 +247,24 @@ def test_dvc_locked_model_reads_the_train_stage_model_out(tmp_path: Path) -> Non
     assert dvc_path.dvc_locked_model(tmp_path) == ("runs/demo/model", "m.dir")
 
 
+def test_the_vos_runs_of_a_suite_are_the_datasets_its_params_list(tmp_path: Path) -> None:
+    """One row per dataset of the matrix, at the stages' paths; a listed dataset without results has no summary yet,
+    and an earlier run's summary of a dataset no longer listed is not read."""
+    suite = tmp_path / "suites" / "mose"
+    suite.mkdir(parents=True)
+    (suite / "params.yaml").write_text(yaml.safe_dump({"mose": {"root": "data/raw", "datasets": ["a", "b"]}}))
+    for name in ("a", "gone"):
+        (tmp_path / "reports" / "mose" / name).mkdir(parents=True)
+        (tmp_path / "reports" / "mose" / name / "vos_summary.json").write_text('{"J&F": 0.5}')
+    runs = dvc_path._vos_runs(tmp_path, "suites/mose/dvc.yaml")
+    assert [(name, layout.summary, layout.model) for name, layout in runs] == [
+        ("a", "reports/mose/a/vos_summary.json", "runs/mose/a/model"),
+        ("b", "reports/mose/b/vos_summary.json", "runs/mose/b/model"),
+    ]
+    (suite / "params.yaml").write_text(yaml.safe_dump({"mose": {"root": "data/raw", "datasets": []}}))
+    assert dvc_path._vos_runs(tmp_path, "suites/mose/dvc.yaml") == []
+
+
 def test_metrics_markdown_lists_runs_and_the_mean_of_defined_values() -> None:
     rows = [
         MetricRow("a", 0, 0.5, "runs/s/a/seed0/metrics.json", "m"),
